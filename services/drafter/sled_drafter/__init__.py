@@ -1,0 +1,1 @@
+"""SLED drafter service."""

@@ -1,0 +1,1 @@
+"""SLED scheduler service."""
