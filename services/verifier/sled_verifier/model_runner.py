@@ -1,0 +1,114 @@
+"""Turns a list of per-session requests into one ragged forward and returns logit rows."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .attention import AttentionRouter, PagedAttention, SeqSlice
+from .config import EngineConfig
+from .kv_cache import KVCache, auto_num_blocks
+from .llama import ForwardBatch, LlamaModel
+from .weights import load_weights
+
+
+@dataclass(slots=True)
+class SeqRequest:
+    session_id: str
+    token_ids: np.ndarray  # [n] int, the session's new tokens
+    start_pos: int  # position of token_ids[0] == tokens already in the session's KV
+    block_table: Sequence[int]  # blocks covering start_pos + n tokens
+    logit_rows: Sequence[int]  # indices into token_ids whose next-token logits are wanted
+
+    def __post_init__(self) -> None:
+        self.token_ids = np.asarray(self.token_ids, dtype=np.int64)
+        n = self.token_ids.shape[0]
+        if self.token_ids.ndim != 1 or n == 0:
+            raise ValueError(f"session {self.session_id}: need a non-empty 1-D token list")
+        if self.start_pos < 0:
+            raise ValueError(f"session {self.session_id}: negative start position")
+        if any(not 0 <= r < n for r in self.logit_rows):
+            raise ValueError(f"session {self.session_id}: logit rows outside 0..{n - 1}")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.spec, weights = load_weights(config.model_dir, self.device, config.torch_dtype)
+        self.block_size = config.block_size
+        blocks_per_session = -(-config.max_model_len // config.block_size)
+        max_useful = config.max_sessions * blocks_per_session
+        self.num_blocks = config.num_blocks or auto_num_blocks(
+            self.spec,
+            config.block_size,
+            config.torch_dtype,
+            self.device,
+            config.kv_memory_fraction,
+            max_useful,
+        )
+        self.kv_cache = KVCache(
+            self.spec, self.num_blocks, config.block_size, config.torch_dtype, self.device
+        )
+        self.attention = AttentionRouter(PagedAttention(self.kv_cache))
+        self.model = LlamaModel(self.spec, weights, config.max_model_len, self.device)
+        self.last_forward_s = 0.0
+
+    def run(self, requests: Sequence[SeqRequest]) -> list[torch.Tensor]:
+        """One forward for all requests; per request, logits [len(logit_rows), V] fp32 on CPU."""
+        if not requests:
+            return []
+        batch = self._build(requests)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = self.model.forward(batch, self.attention).cpu()
+        self.last_forward_s = time.perf_counter() - t0
+        return list(torch.split(logits, [len(r.logit_rows) for r in requests]))
+
+    def _build(self, requests: Sequence[SeqRequest]) -> ForwardBatch:
+        dev = self.device
+        bs = self.block_size
+        seqs: list[SeqSlice] = []
+        positions: list[torch.Tensor] = []
+        rows: list[np.ndarray] = []
+        start = 0
+        for r in requests:
+            n = r.token_ids.shape[0]
+            ctx = r.start_pos + n
+            if ctx > self.model.max_len:
+                raise ValueError(f"session {r.session_id}: {ctx} tokens exceed max_model_len")
+            if len(r.block_table) * bs < ctx:
+                raise ValueError(f"session {r.session_id}: block table too short for {ctx} tokens")
+            table = torch.tensor(r.block_table, dtype=torch.int64)
+            pos = torch.arange(r.start_pos, ctx, dtype=torch.int64)
+            slots = table[pos // bs] * bs + pos % bs
+            mask = None
+            if n > 1:
+                # New token i (at position start_pos + i) sees every position up to its own.
+                mask = torch.arange(ctx)[None, :] <= pos[:, None]
+                mask = mask.to(dev)
+            seqs.append(
+                SeqSlice(
+                    session_id=r.session_id,
+                    start=start,
+                    num_new=n,
+                    context_len=ctx,
+                    block_table=table.to(dev),
+                    slots=slots.to(dev),
+                    mask=mask,
+                )
+            )
+            positions.append(pos)
+            rows.append(np.asarray(r.logit_rows, dtype=np.int64) + start)
+            start += n
+        ids = np.concatenate([r.token_ids for r in requests])
+        return ForwardBatch(
+            input_ids=torch.from_numpy(ids).to(dev),
+            positions=torch.cat(positions).to(dev),
+            seqs=seqs,
+            logit_rows=torch.from_numpy(np.concatenate(rows)).to(dev),
+        )
