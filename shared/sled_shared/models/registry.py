@@ -105,6 +105,8 @@ def _write_file(cache: Path, entries: dict[str, ModelEntry]) -> None:
     text = json.dumps({"version": REGISTRY_VERSION, "models": models}, indent=2) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=".registry-", suffix=".tmp", dir=cache)
     try:
+        # mkstemp makes owner-only files; services may read the cache as another user.
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -182,8 +184,7 @@ def register_model(
 def tokenizer_dir(cache: Path | None = None) -> Path:
     """The default target's directory; it holds tokenizer.json, which drafts share."""
     entry = get_model(DEFAULT_TARGET, cache)
-    assert entry.path is not None  # an hf entry always has a path (checked in ModelEntry)
-    if not (entry.path / "tokenizer.json").is_file():
+    if entry.path is None or not (entry.path / "tokenizer.json").is_file():
         raise ModelRegistryError(
             f"{entry.path} has no tokenizer.json; run `sled models prepare --force`"
         )
