@@ -18,206 +18,37 @@ of the resample draw, hence a separate random stream per `Purpose`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from enum import IntEnum
 
 import numpy as np
 
-_U64 = 1 << 64
+from sled_shared.sampling import (
+    Purpose,
+    SamplingParams,
+    draft_distribution,
+    position_rng,
+    sample,
+    sparse_topk,
+    target_probs,
+)
+
+__all__ = [
+    "Purpose",
+    "SamplingParams",
+    "VerifyOutcome",
+    "draft_distribution",
+    "position_rng",
+    "sample",
+    "sparse_topk",
+    "target_probs",
+    "verify_greedy",
+    "verify_sampling",
+]
 
 # Below this residual mass p and q agree to within 1e-12 in total variation;
 # what is left of max(0, p - q) is rounding noise, so we sample from p, which
 # changes the output distribution by less than 1e-12.
 _RESIDUAL_EPS = 1e-12
-
-# First guess for how many top tokens a top-p nucleus needs (doubled until the
-# nucleus fits); typical nuclei of a 49152-token vocabulary are far smaller.
-_NUCLEUS_GUESS = 64
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float):
-            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float):
-            raise ValueError(f"top_p must be a number, got {self.top_p!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must satisfy 0 < top_p <= 1, got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        seed = self.seed
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _U64
-        ):
-            raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-class Purpose(IntEnum):
-    DRAFT = 0
-    ACCEPT = 1
-    RESAMPLE = 2
-    FIRST = 3
-
-
-def position_rng(seed: int, stream: int, position: int, purpose: Purpose) -> np.random.Generator:
-    """A generator owned by one (seed, stream, position, purpose).
-
-    Philox is counter based: the 128-bit key holds (seed, stream) and the two
-    high words of the 256-bit counter hold (position, purpose). Draws advance
-    only the low word, so two keys share a block only after 2**128 draws, and
-    the stream is a pure function of the key on every host.
-    """
-    for name, value in (("seed", seed), ("stream", stream), ("position", position)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        if not 0 <= int(value) < _U64:
-            raise ValueError(f"{name} must be in [0, 2**64), got {value!r}")
-    key = np.array([int(seed), int(stream)], dtype=np.uint64)
-    counter = np.array([0, 0, int(position), int(Purpose(purpose))], dtype=np.uint64)
-    return np.random.Generator(np.random.Philox(key=key, counter=counter))
-
-
-def _greedy_rows(logits: np.ndarray) -> np.ndarray:
-    out = np.zeros(logits.shape, dtype=np.float64)
-    out[np.arange(logits.shape[0]), np.argmax(logits, axis=1)] = 1.0
-    return out
-
-
-def _top_p_keep(probs: np.ndarray, top_p: float, candidates: np.ndarray | None) -> np.ndarray:
-    """Ids of the top-p nucleus of one probability row.
-
-    transformers' rule: sort ascending, remove every token whose cumulative
-    probability (itself plus all smaller ones) is <= 1 - top_p, keep the
-    largest token always. So the nucleus is the smallest set of highest
-    tokens with mass >= top_p. Equal probabilities rank by lower id first
-    (as argmax does), which makes a tiny top_p agree with greedy.
-
-    `candidates` (the top-k survivors) bounds the search; without it the top
-    tokens are found by argpartition, doubling the guess until the nucleus
-    ends inside it, so no full-vocabulary sort is needed.
-    """
-    vocab = probs.shape[0]
-    budget = 1.0 - top_p
-    m = vocab if candidates is not None else min(vocab, _NUCLEUS_GUESS)
-    while True:
-        if candidates is not None:
-            cand = candidates
-        elif m >= vocab:
-            cand = np.arange(vocab)
-        else:
-            # Take every token tied with the m-th largest so that everything
-            # outside `cand` is strictly smaller than everything inside.
-            threshold = np.partition(probs, vocab - m)[vocab - m]
-            cand = np.flatnonzero(probs >= threshold)
-        outside = probs.sum() - probs[cand].sum() if cand.shape[0] < vocab else 0.0
-        # Ascending by probability, higher id first among ties (so it is removed first).
-        order = cand[np.lexsort((-cand, probs[cand]))]
-        cum = outside + np.cumsum(probs[order])
-        removed = cum <= budget
-        removed[-1] = False
-        if removed[0] or candidates is not None or cand.shape[0] >= vocab:
-            return order[~removed]
-        m *= 2
-
-
-def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Rows of the sampling distribution: temperature -> top-k -> top-p, in float64.
-
-    Greedy params give one-hot rows at the argmax (lowest id among ties).
-    Top-k keeps every token >= the k-th largest logit (ties at the edge all
-    survive, as in transformers' TopKLogitsWarper).
-    """
-    logits = np.asarray(logits)
-    if logits.ndim != 2 or logits.shape[1] == 0:
-        raise ValueError(f"logits must have shape [n, V] with V > 0, got {logits.shape}")
-    if params.greedy:
-        return _greedy_rows(logits)
-    x = logits.astype(np.float64) / params.temperature
-    vocab = x.shape[1]
-    top_k = params.top_k if 0 < params.top_k < vocab else 0
-    if top_k:
-        kth = np.partition(x, vocab - top_k, axis=1)[:, vocab - top_k : vocab - top_k + 1]
-        x = np.where(x >= kth, x, -np.inf)
-    x = x - x.max(axis=1, keepdims=True)
-    probs = np.exp(x)
-    probs /= probs.sum(axis=1, keepdims=True)
-    if params.top_p < 1.0:
-        for row in probs:
-            keep = _top_p_keep(row, params.top_p, np.flatnonzero(row) if top_k else None)
-            kept = row[keep]
-            row[:] = 0.0
-            row[keep] = kept / kept.sum()
-    return probs
-
-
-def sparse_topk(probs_row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k most likely tokens, renormalised: (ids int32, probs float64).
-
-    Sorted by descending probability, lower id first among ties; ties at the
-    k-th place go to the lower ids. Zero-probability tokens are dropped, so
-    fewer than k entries may come back.
-    """
-    row = np.asarray(probs_row, dtype=np.float64)
-    if row.ndim != 1 or row.shape[0] == 0:
-        raise ValueError(f"probs_row must be a non-empty 1-D array, got shape {row.shape}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    vocab = row.shape[0]
-    if k >= vocab:
-        ids = np.flatnonzero(row > 0)
-    else:
-        threshold = np.partition(row, vocab - k)[vocab - k]
-        above = np.flatnonzero(row > threshold)
-        tied = np.flatnonzero(row == threshold)[: k - above.shape[0]]
-        ids = np.concatenate([above, tied])
-        ids = ids[row[ids] > 0]
-    if ids.shape[0] == 0:
-        raise ValueError("probs_row has no positive entry")
-    ids = ids[np.lexsort((ids, -row[ids]))]
-    probs = row[ids]
-    return ids.astype(np.int32), probs / probs.sum()
-
-
-def draft_distribution(
-    logits_row: np.ndarray, params: SamplingParams, k_top: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The exact sparse distribution a drafter samples its token from (and sends)."""
-    row = np.asarray(logits_row)
-    if row.ndim != 1:
-        raise ValueError(f"logits_row must be 1-D, got shape {row.shape}")
-    return sparse_topk(target_probs(row[None, :], params)[0], k_top)
-
-
-def sample(ids_or_none: np.ndarray | None, probs: np.ndarray, rng: np.random.Generator) -> int:
-    """Inverse-CDF draw with exactly one rng.random().
-
-    `probs` need not be normalised: u is scaled by the total. With
-    side="right" the first index whose cumulative mass exceeds u*total is
-    picked, which can never be a zero-probability entry.
-    """
-    cdf = np.cumsum(np.asarray(probs, dtype=np.float64))
-    total = cdf[-1] if cdf.shape[0] else 0.0
-    if not total > 0:
-        raise ValueError("cannot sample from a distribution with no positive mass")
-    u = rng.random()
-    idx = int(np.searchsorted(cdf, u * total, side="right"))
-    if idx >= cdf.shape[0]:
-        # u*total rounded up to total: take the last entry with positive mass.
-        idx = int(np.searchsorted(cdf, total, side="left"))
-    return int(ids_or_none[idx]) if ids_or_none is not None else idx
 
 
 @dataclass(frozen=True, slots=True)
