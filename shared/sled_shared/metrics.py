@@ -10,6 +10,7 @@ renamed here and not there fails a test instead of showing an empty panel.
 
 from __future__ import annotations
 
+from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -37,6 +38,42 @@ RESOURCES: tuple[str, ...] = ("accelerator", "cpu")
 KV_OPS: tuple[str, ...] = ("append", "attend", "truncate", "evict", "migrate")
 
 
+class MetricFamily(NamedTuple):
+    type: str  # counter | gauge | histogram
+    labels: tuple[str, ...]
+
+
+# Filled as families are declared; read by metric_families() after it has
+# declared them all on a throwaway registry.
+_declared: dict[str, MetricFamily] = {}
+
+
+def _counter(
+    name: str, doc: str, labels: tuple[str, ...] = (), *, registry: CollectorRegistry
+) -> Counter:
+    _declared[name] = MetricFamily("counter", labels)
+    return Counter(name, doc, labels, registry=registry)
+
+
+def _gauge(
+    name: str, doc: str, labels: tuple[str, ...] = (), *, registry: CollectorRegistry
+) -> Gauge:
+    _declared[name] = MetricFamily("gauge", labels)
+    return Gauge(name, doc, labels, registry=registry)
+
+
+def _histogram(
+    name: str,
+    doc: str,
+    labels: tuple[str, ...] = (),
+    *,
+    buckets: tuple[float, ...],
+    registry: CollectorRegistry,
+) -> Histogram:
+    _declared[name] = MetricFamily("histogram", labels)
+    return Histogram(name, doc, labels, buckets=buckets, registry=registry)
+
+
 class _DrafterFamilies:
     """The drafter's families in one registry, shared by every drafter in it.
 
@@ -47,77 +84,77 @@ class _DrafterFamilies:
     def __init__(self, registry: CollectorRegistry) -> None:
         base = ("draft_model", "device")
         self.bound: set[tuple[str, str]] = set()
-        self.rounds = Counter(
+        self.rounds = _counter(
             "sled_drafter_rounds_total",
             "Verification rounds completed (one draft sent, one answer received).",
             base,
             registry=registry,
         )
-        self.draft_tokens = Counter(
+        self.draft_tokens = _counter(
             "sled_drafter_draft_tokens_total",
             "Draft tokens sent for verification, by position within the round (0-based).",
             (*base, "position"),
             registry=registry,
         )
-        self.accepted_tokens = Counter(
+        self.accepted_tokens = _counter(
             "sled_drafter_accepted_tokens_total",
             "Draft tokens the verifier accepted, by position within the round (0-based).",
             (*base, "position"),
             registry=registry,
         )
-        self.generated_tokens = Counter(
+        self.generated_tokens = _counter(
             "sled_drafter_generated_tokens_total",
             "Tokens committed to users (accepted drafts plus correction or bonus tokens).",
             base,
             registry=registry,
         )
-        self.requests = Counter(
+        self.requests = _counter(
             "sled_drafter_requests_total",
             "Completion requests finished, by status.",
             (*base, "status"),
             registry=registry,
         )
-        self.failovers = Counter(
+        self.failovers = _counter(
             "sled_drafter_failovers_total",
             "Sessions reopened on another verifier after their verifier disappeared.",
             base,
             registry=registry,
         )
-        self.active_sessions = Gauge(
+        self.active_sessions = _gauge(
             "sled_drafter_active_sessions",
             "Sessions of this device currently generating.",
             base,
             registry=registry,
         )
-        self.ttft = Histogram(
+        self.ttft = _histogram(
             "sled_drafter_ttft_seconds",
             "Time from request arrival to the first generated token.",
             base,
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.tpot = Histogram(
+        self.tpot = _histogram(
             "sled_drafter_tpot_seconds",
             "Mean time per output token after the first, one observation per request.",
             base,
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.draft_time_per_token = Histogram(
+        self.draft_time_per_token = _histogram(
             "sled_drafter_draft_time_per_token_seconds",
             "Local draft-model time per drafted token, one observation per round.",
             base,
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.round_trip = Histogram(
+        self.round_trip = _histogram(
             "sled_drafter_round_trip_seconds",
             "Time from sending a round to the verifier until its answer arrives.",
             base,
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.draft_k = Histogram(
+        self.draft_k = _histogram(
             "sled_drafter_draft_k",
             "Draft length K used per round (adaptive; 0 is plain centralised decoding).",
             base,
@@ -194,79 +231,79 @@ class VerifierMetrics:
     """One verifier process: the target model and its paged KV cache."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.batch_size = Histogram(
+        self.batch_size = _histogram(
             "sled_verifier_batch_size",
             "Sessions in one batched forward.",
             buckets=BATCH_SIZE_BUCKETS,
             registry=registry,
         )
-        self.batch_tokens = Histogram(
+        self.batch_tokens = _histogram(
             "sled_verifier_batch_tokens",
             "Tokens fed through one batched forward (ragged across sessions).",
             buckets=TOKEN_COUNT_BUCKETS,
             registry=registry,
         )
-        self.forward = Histogram(
+        self.forward = _histogram(
             "sled_verifier_forward_seconds",
             "Wall time of one batched verification forward.",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.prefill = Histogram(
+        self.prefill = _histogram(
             "sled_verifier_prefill_seconds",
             "Wall time of a session's prompt prefill.",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.queue_depth = Gauge(
+        self.queue_depth = _gauge(
             "sled_verifier_queue_depth",
             "Rounds waiting for the next batch.",
             registry=registry,
         )
-        self.active_sessions = Gauge(
+        self.active_sessions = _gauge(
             "sled_verifier_active_sessions",
             "Sessions with KV state on this verifier.",
             registry=registry,
         )
-        self._kv_blocks_used = Gauge(
+        self._kv_blocks_used = _gauge(
             "sled_verifier_kv_blocks_used",
             "KV cache blocks in use, by tier.",
             ("tier",),
             registry=registry,
         )
-        self._kv_blocks_capacity = Gauge(
+        self._kv_blocks_capacity = _gauge(
             "sled_verifier_kv_blocks_capacity",
             "KV cache blocks available in total, by tier.",
             ("tier",),
             registry=registry,
         )
-        self.rounds = Counter(
+        self.rounds = _counter(
             "sled_verifier_rounds_total",
             "Verification rounds answered (retried rounds count once).",
             registry=registry,
         )
-        self.suggested_k = Histogram(
+        self.suggested_k = _histogram(
             "sled_verifier_suggested_k",
             "Draft length suggested to devices for their next round.",
             buckets=DRAFT_K_BUCKETS,
             registry=registry,
         )
-        self.sessions_opened = Counter(
+        self.sessions_opened = _counter(
             "sled_verifier_sessions_opened_total",
             "Sessions opened (prefilled) on this verifier.",
             registry=registry,
         )
-        self.sessions_closed = Counter(
+        self.sessions_closed = _counter(
             "sled_verifier_sessions_closed_total",
             "Sessions closed by their device or finished.",
             registry=registry,
         )
-        self.sessions_evicted = Counter(
+        self.sessions_evicted = _counter(
             "sled_verifier_sessions_evicted_total",
             "Sessions evicted after being idle past SLED_SESSION_TTL_S.",
             registry=registry,
         )
-        self.plan_timeouts = Counter(
+        self.plan_timeouts = _counter(
             "sled_verifier_plan_timeouts_total",
             "Plan requests that missed their deadline; the local fallback policy ran.",
             registry=registry,
@@ -286,28 +323,28 @@ class KVOffloadMetrics:
     """One KV-offload worker: host-RAM KV blocks and CPU attention."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.attention = Histogram(
+        self.attention = _histogram(
             "sled_kvoffload_attention_seconds",
             "CPU attention time for one attend request (all its sessions and heads).",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.kv_bytes = Gauge(
+        self.kv_bytes = _gauge(
             "sled_kvoffload_kv_bytes",
             "Bytes of KV cache held in host RAM.",
             registry=registry,
         )
-        self.sessions = Gauge(
+        self.sessions = _gauge(
             "sled_kvoffload_sessions",
             "Offloaded sessions held by this worker.",
             registry=registry,
         )
-        self.migrated_bytes = Counter(
+        self.migrated_bytes = _counter(
             "sled_kvoffload_migrated_bytes_total",
             "KV bytes moved in or out of this worker by migrations.",
             registry=registry,
         )
-        self._requests = Counter(
+        self._requests = _counter(
             "sled_kvoffload_requests_total",
             "Requests handled, by operation and status.",
             ("op", "status"),
@@ -326,49 +363,49 @@ class SchedulerMetrics:
     """The cluster's scheduler: cost models, placement, admission, plans."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.plan_time = Histogram(
+        self.plan_time = _histogram(
             "sled_scheduler_plan_seconds",
             "Time to compute one per-iteration dispatch plan.",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self._error_ratio = Histogram(
+        self._error_ratio = _histogram(
             "sled_scheduler_prediction_error_ratio",
             "Actual over predicted iteration time, by resource (1.0 is exact).",
             ("resource",),
             buckets=ERROR_RATIO_BUCKETS,
             registry=registry,
         )
-        self._predicted = Gauge(
+        self._predicted = _gauge(
             "sled_scheduler_predicted_seconds",
             "Predicted time of the last reported iteration, by resource.",
             ("resource",),
             registry=registry,
         )
-        self._actual = Gauge(
+        self._actual = _gauge(
             "sled_scheduler_actual_seconds",
             "Measured time of the last reported iteration, by resource.",
             ("resource",),
             registry=registry,
         )
-        self.offloaded_sessions = Gauge(
+        self.offloaded_sessions = _gauge(
             "sled_scheduler_offloaded_sessions",
             "Sessions currently placed on the host tier (CPU attention).",
             registry=registry,
         )
-        self._placements = Counter(
+        self._placements = _counter(
             "sled_scheduler_placements_total",
             "Sessions placed, by tier.",
             ("tier",),
             registry=registry,
         )
-        self._admissions_rejected = Counter(
+        self._admissions_rejected = _counter(
             "sled_scheduler_admissions_rejected_total",
             "New sessions refused by admission control, by reason.",
             ("reason",),
             registry=registry,
         )
-        self._plan_fallbacks = Counter(
+        self._plan_fallbacks = _counter(
             "sled_scheduler_plan_fallbacks_total",
             "Plans produced by the fallback policy instead of the cost model, by reason.",
             ("reason",),
@@ -402,10 +439,10 @@ class SchedulerMetrics:
         self._plan_fallbacks.labels(reason).inc()
 
 
-def metric_families() -> dict[str, str]:
-    """Every family name as declared (counters with ``_total``) -> its type.
+def metric_families() -> dict[str, MetricFamily]:
+    """Every family by name as written in PromQL (counters with ``_total``).
 
-    Built by instantiating each group on a throwaway registry, so it can never
+    Built by declaring each group on a throwaway registry, so it can never
     drift from the declarations above.
     """
     registry = CollectorRegistry()
@@ -413,12 +450,12 @@ def metric_families() -> dict[str, str]:
     VerifierMetrics(registry)
     KVOffloadMetrics(registry)
     SchedulerMetrics(registry)
-    families: dict[str, str] = {}
-    for family in registry.collect():
+    names = {
         # prometheus_client strips a counter's "_total" from the family name.
-        name = f"{family.name}_total" if family.type == "counter" else family.name
-        families[name] = family.type
-    return families
+        f"{family.name}_total" if family.type == "counter" else family.name
+        for family in registry.collect()
+    }
+    return {name: _declared[name] for name in sorted(names)}
 
 
 def metric_names() -> list[str]:

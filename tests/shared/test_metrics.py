@@ -213,8 +213,31 @@ def test_groups_share_a_registry_without_clashing() -> None:
 def test_naming_conventions() -> None:
     families = metric_families()
     assert len(families) >= 30
-    for name, kind in families.items():
+    for name, family in families.items():
         assert re.fullmatch(r"sled_(drafter|verifier|kvoffload|scheduler)_[a-z0-9_]+", name), name
-        assert name.endswith("_total") == (kind == "counter"), name
+        assert name.endswith("_total") == (family.type == "counter"), name
         # Base units only: no milliseconds or kilobytes in a name.
         assert not re.search(r"_(ms|milliseconds|kb|mb|kib|mib)(_|$)", name), name
+
+
+def test_family_labels_match_the_exposition() -> None:
+    registry = CollectorRegistry()
+    drafter = DrafterMetrics("ngram", "dev", registry)
+    drafter.record_round(drafted=1, accepted=1, round_trip_s=0.01, draft_s=0.001)
+    scheduler = SchedulerMetrics(registry)
+    scheduler.record_rejection("kv_full")
+    families = metric_families()
+    assert families["sled_drafter_accepted_tokens_total"].labels == (
+        "draft_model",
+        "device",
+        "position",
+    )
+    assert families["sled_verifier_kv_blocks_used"].labels == ("tier",)
+    assert families["sled_verifier_forward_seconds"] == ("histogram", ())
+    # The declared labels are exactly those on the exposed samples.
+    for metric in registry.collect():
+        name = f"{metric.name}_total" if metric.type == "counter" else metric.name
+        for sample in metric.samples:
+            if sample.name.endswith("_created"):
+                continue
+            assert set(sample.labels) - {"le"} == set(families[name].labels), sample
