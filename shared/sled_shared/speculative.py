@@ -84,6 +84,26 @@ def verify_greedy(draft_ids: np.ndarray, target_logits: np.ndarray) -> VerifyOut
     return VerifyOutcome(accepted=accepted, next_token=int(best[accepted]))
 
 
+def _draft_q(
+    dist: tuple[np.ndarray, np.ndarray], x: int, vocab: int, i: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Checked, normalised sparse q of draft token i and q(x)."""
+    q_ids = np.asarray(dist[0], dtype=np.int64)
+    q = np.asarray(dist[1], dtype=np.float64)
+    if q_ids.ndim != 1 or q_ids.shape[0] == 0 or q.shape != q_ids.shape:
+        raise ValueError(f"draft distribution {i}: ids and probs must be 1-D, non-empty, equal")
+    ordered = np.sort(q_ids)
+    if ordered[0] < 0 or ordered[-1] >= vocab or np.any(ordered[1:] == ordered[:-1]):
+        raise ValueError(f"draft distribution {i}: ids must be unique and inside the vocabulary")
+    if np.any(q < 0):
+        raise ValueError(f"draft distribution {i}: probabilities must be >= 0")
+    hit = np.flatnonzero(q_ids == x)
+    if hit.shape[0] != 1 or not q[hit[0]] > 0:
+        raise ValueError(f"draft token {x} at index {i} is not in its distribution's support")
+    q = q / q.sum()
+    return q_ids, q, float(q[hit[0]])
+
+
 def verify_sampling(
     draft_ids: np.ndarray,
     draft_dists: list[tuple[np.ndarray, np.ndarray]],
@@ -92,24 +112,21 @@ def verify_sampling(
     stream: int,
     start_position: int,
 ) -> VerifyOutcome:
-    """Speculative sampling over one round; see the module docstring for why it is exact."""
+    """Speculative sampling over one round; see the module docstring for why it is exact.
+
+    `target_p` rows are target_probs output (each sums to 1); row i is p for
+    position start_position + i, row K the bonus position.
+    """
     p_rows = np.asarray(target_p, dtype=np.float64)
     draft = _check_rows(np.asarray(draft_ids), p_rows, "target_p")
     if len(draft_dists) != draft.shape[0]:
         raise ValueError(f"need one draft distribution per draft token, got {len(draft_dists)}")
     for i, x in enumerate(draft.tolist()):
-        q_ids = np.asarray(draft_dists[i][0], dtype=np.int64)
-        q = np.asarray(draft_dists[i][1], dtype=np.float64)
-        hit = np.flatnonzero(q_ids == x)
-        if q.shape != q_ids.shape or np.unique(q_ids).shape != q_ids.shape or np.any(q < 0):
-            raise ValueError(f"draft distribution {i} needs unique ids, one prob >= 0 per id")
-        if hit.shape[0] != 1 or not q[hit[0]] > 0:
-            raise ValueError(f"draft token {x} at index {i} is not in its distribution's support")
-        q = q / q.sum()
+        q_ids, q, qx = _draft_q(draft_dists[i], x, p_rows.shape[1], i)
         p = p_rows[i]
         pos = start_position + i
         # u < min(1, p/q)  <=>  u * q < p, with no division by q.
-        if position_rng(seed, stream, pos, Purpose.ACCEPT).random() * q[hit[0]] < p[x]:
+        if position_rng(seed, stream, pos, Purpose.ACCEPT).random() * qx < p[x]:
             continue
         residual = p.copy()
         residual[q_ids] -= q

@@ -280,5 +280,14 @@ def test_sampling_rejects_malformed_draft_dists() -> None:
     dup = (np.array([4, 4]), np.array([0.5, 0.5]))
     with pytest.raises(ValueError, match="unique"):
         verify_sampling(np.array([4]), [dup], p, seed=0, stream=0, start_position=0)
+    outside = (np.array([4, VOCAB]), np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match="inside the vocabulary"):
+        verify_sampling(np.array([4]), [outside], p, seed=0, stream=0, start_position=0)
+    negative = (np.array([4, -1]), np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match="inside the vocabulary"):
+        verify_sampling(np.array([4]), [negative], p, seed=0, stream=0, start_position=0)
+    empty = (np.array([], dtype=np.int32), np.array([]))
+    with pytest.raises(ValueError, match="non-empty"):
+        verify_sampling(np.array([4]), [empty], p, seed=0, stream=0, start_position=0)
     with pytest.raises(ValueError, match="one draft distribution"):
         verify_sampling(np.array([4]), [], p, seed=0, stream=0, start_position=0)
