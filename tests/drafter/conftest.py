@@ -19,7 +19,7 @@ import pytest
 
 # Larger than the usual 0.02 init so the logits have clear gaps: greedy
 # comparisons across runtimes then do not hinge on float rounding.
-RECIPE = r'''
+RECIPE = r"""
 import json, sys
 from pathlib import Path
 import torch, transformers
@@ -54,7 +54,7 @@ added = {str(i): {"content": c, "special": True, "lstrip": False, "rstrip": Fals
     "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
     "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>",
     "chat_template": template, "model_max_length": 4096, "added_tokens_decoder": added}))
-'''
+"""
 
 
 def _build(dest: Path) -> None:
@@ -65,8 +65,21 @@ def _build(dest: Path) -> None:
         try:
             subprocess.run([sys.executable, "-c", RECIPE, str(work)], **run)
             subprocess.run(
-                [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "hf"),
-                 "-o", str(work / "ort"), "-p", "fp32", "-e", "cpu", "-c", str(work / "cache")],
+                [
+                    sys.executable,
+                    "-m",
+                    "onnxruntime_genai.models.builder",
+                    "-i",
+                    str(work / "hf"),
+                    "-o",
+                    str(work / "ort"),
+                    "-p",
+                    "fp32",
+                    "-e",
+                    "cpu",
+                    "-c",
+                    str(work / "cache"),
+                ],
                 **run,
             )
         except subprocess.CalledProcessError as exc:

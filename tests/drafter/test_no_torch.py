@@ -51,7 +51,9 @@ def test_every_module_imports_and_drafts_without_torch():
 def test_the_guard_really_blocks_torch():
     # Without this, a broken finder would let the test above pass vacuously.
     probe = SCRIPT.split("import sled_drafter")[0] + "import torch\n"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "forbidden on the drafter" in result.stderr
 
 
