@@ -1,0 +1,371 @@
+"""VerifierEngine: sessions, batched verification rounds, commit and rollback.
+
+Invariant per session: `tokens` holds every committed token and the KV cache
+holds all of them but the newest. A round feeds [newest] + drafts (K + 1
+tokens), reads K + 1 logit rows, then truncates the KV to the accepted prefix.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sled_shared.speculative import (
+    Purpose,
+    SamplingParams,
+    position_rng,
+    sample,
+    target_probs,
+    verify_greedy,
+    verify_sampling,
+)
+
+from .block_manager import BlockManager, OutOfBlocksError
+from .config import EngineConfig
+from .messages import (
+    CapacityError,
+    EngineStats,
+    ForwardStat,
+    OpenResult,
+    RoundResult,
+    VerifyRound,
+)
+from .model_runner import ModelRunner, SeqRequest
+from .session import Session, suggest_k
+
+__all__ = [
+    "CapacityError",
+    "EngineConfig",
+    "EngineStats",
+    "ForwardStat",
+    "OpenResult",
+    "RoundResult",
+    "VerifierEngine",
+    "VerifyRound",
+]
+
+_FORWARD_LOG = 1024  # forward records kept until drained
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A round that passed validation and has KV allocated for its K + 1 tokens."""
+
+    index: int  # position in the caller's list
+    round: VerifyRound
+    session: Session
+    k: int  # drafts fed (the round's K, clipped to what can still be committed)
+
+
+class VerifierEngine:
+    """Not reentrant on its own: a lock serialises callers (the service runs it in a thread)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.max_batch_tokens < config.max_k + 1:
+            raise ValueError("max_batch_tokens must hold at least one round of max_k + 1 tokens")
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.spec = self.runner.spec
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._forwards: deque[ForwardStat] = deque(maxlen=_FORWARD_LOG)
+        self._totals = dict(forwards=0, seconds=0.0, tokens=0, rounds=0, drafted=0, accepted=0)
+
+    # ----------------------------------------------------------------- sessions
+
+    def open_session(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stream: int,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> OpenResult:
+        """Prefill the prompt and produce the first token (Purpose.FIRST at len(prompt))."""
+        prompt = self._check_tokens(prompt_ids, "prompt")
+        if prompt.size == 0:
+            raise ValueError("prompt must not be empty")
+        if prompt.size >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt of {prompt.size} tokens leaves no room in max_model_len "
+                f"{self.config.max_model_len}"
+            )
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not isinstance(stream, int) or not 0 <= stream < 2**64:
+            raise ValueError(f"stream must be an int in [0, 2**64), got {stream!r}")
+        stops = self._check_tokens(stop_token_ids or [], "stop_token_ids")
+        with self._lock:
+            live = sum(not s.finished for s in self._sessions.values())
+            if live >= self.config.max_sessions:
+                raise CapacityError(f"all {self.config.max_sessions} session slots are in use")
+            sid = uuid.uuid4().hex
+            self.blocks.add(sid)
+            try:
+                logits = self._prefill(sid, prompt)
+            except OutOfBlocksError as exc:
+                self.blocks.free(sid)
+                raise CapacityError(str(exc)) from None
+            except BaseException:
+                self.blocks.free(sid)
+                raise
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            if params.greedy:
+                first = int(np.argmax(logits))
+            else:
+                rng = position_rng(seed, stream, prompt.size, Purpose.FIRST)
+                first = sample(None, target_probs(logits[None], params)[0], rng)
+            s = Session(
+                session_id=sid,
+                tokens=[*prompt.tolist(), first],
+                prompt_len=int(prompt.size),
+                params=params,
+                seed=seed,
+                stream=stream,
+                max_new_tokens=max_new_tokens,
+                stop_ids=frozenset(self.spec.eos_token_ids) | frozenset(stops.tolist()),
+            )
+            self._sessions[sid] = s
+            self._check_finished(s)
+            self._drop_old_finished()
+            return OpenResult(sid, first, s.finished, s.reason)
+
+    def close(self, session_id: str) -> None:
+        """Forget a session and free its KV; unknown ids are ignored (close is idempotent)."""
+        with self._lock:
+            self._sessions.pop(session_id, None)
+            self.blocks.free(session_id)
+            self.runner.attention.forget(session_id)
+
+    def evict_idle(self, ttl_s: float) -> list[str]:
+        """Close sessions untouched for more than ttl_s seconds; returns their ids."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [s.session_id for s in self._sessions.values() if now - s.last_used > ttl_s]
+        for sid in idle:
+            self.close(sid)
+        return idle
+
+    # ------------------------------------------------------------------- rounds
+
+    def verify(self, rounds: Sequence[VerifyRound], load: float = 0.0) -> list[RoundResult]:
+        """Verify every round in one batched forward (more only past max_batch_tokens).
+
+        `load` (0..1, the server's busyness) shrinks the suggested K toward 0.
+        """
+        if not 0.0 <= load <= 1.0:
+            raise ValueError(f"load must be in [0, 1], got {load}")
+        results: list[RoundResult | None] = [None] * len(rounds)
+        with self._lock:
+            pending = self._admit(rounds, results)
+            logits = self._forward_rounds(pending)
+            for p, rows in zip(pending, logits, strict=True):
+                results[p.index] = self._finish_round(p, rows.numpy(), load)
+        return results  # type: ignore[return-value]  # every slot is filled above
+
+    def _admit(
+        self, rounds: Sequence[VerifyRound], results: list[RoundResult | None]
+    ) -> list[_Pending]:
+        pending: list[_Pending] = []
+        seen: set[str] = set()
+        for i, r in enumerate(rounds):
+            s = self._sessions.get(r.session_id)
+            if s is None:
+                results[i] = RoundResult.failed(r, f"unknown session {r.session_id!r}")
+                continue
+            s.last_used = time.monotonic()
+            if r.session_id in seen:
+                results[i] = RoundResult.failed(r, "session appears twice in one batch")
+                continue
+            seen.add(r.session_id)
+            if r.round == s.last_round and s.last_result is not None:
+                results[i] = s.last_result  # a retry: answer again, never advance twice
+                continue
+            error = self._round_error(s, r)
+            if error:
+                results[i] = RoundResult.failed(r, error)
+                continue
+            k = self._feedable_drafts(s, r)
+            try:
+                self.blocks.allocate(s.session_id, k + 1)
+            except OutOfBlocksError as exc:
+                results[i] = RoundResult.failed(r, str(exc))
+                continue
+            pending.append(_Pending(i, r, s, k))
+        return pending
+
+    def _round_error(self, s: Session, r: VerifyRound) -> str | None:
+        if r.round != s.last_round + 1:
+            return f"round {r.round} is not the next round (last answered: {s.last_round})"
+        if s.finished:
+            return f"session already finished ({s.reason})"
+        if r.committed_len != len(s.tokens):
+            return f"committed_len {r.committed_len} != {len(s.tokens)} committed on the verifier"
+        k = r.draft_ids.shape[0]
+        if k > self.config.max_k:
+            return f"{k} drafts exceed max_k {self.config.max_k}"
+        if k and (r.draft_ids.min() < 0 or r.draft_ids.max() >= self.spec.vocab_size):
+            return "draft ids outside the vocabulary"
+        if not s.params.greedy and k and (r.draft_dists is None or len(r.draft_dists) != k):
+            return "sampling rounds need one draft distribution per draft token"
+        return None
+
+    def _feedable_drafts(self, s: Session, r: VerifyRound) -> int:
+        """Drafts past the token or length budget could never be committed: skip them."""
+        room = min(
+            s.max_new_tokens - s.generated,
+            self.config.max_model_len - len(s.tokens),
+        )
+        return min(r.draft_ids.shape[0], room - 1)
+
+    def _forward_rounds(self, pending: list[_Pending]) -> list:
+        reqs = [
+            SeqRequest(
+                p.session.session_id,
+                np.concatenate(([p.session.tokens[-1]], p.round.draft_ids[: p.k])),
+                len(p.session.tokens) - 1,
+                self.blocks.block_table(p.session.session_id),
+                range(p.k + 1),
+            )
+            for p in pending
+        ]
+        try:
+            return self._run_packed(reqs, "verify")
+        except BaseException:
+            for p in pending:  # leave every session as it was before the round
+                self.blocks.truncate(p.session.session_id, len(p.session.tokens) - 1)
+            raise
+
+    def _finish_round(self, p: _Pending, logits: np.ndarray, load: float) -> RoundResult:
+        s, r, k = p.session, p.round, p.k
+        drafts = r.draft_ids[:k]
+        try:
+            if s.params.greedy:
+                outcome = verify_greedy(drafts, logits)
+            else:
+                probs = target_probs(logits, s.params)
+                dists = (r.draft_dists or [])[:k]
+                outcome = verify_sampling(
+                    drafts, dists, probs, s.seed, s.stream, start_position=len(s.tokens)
+                )
+        except ValueError as exc:
+            self.blocks.truncate(s.session_id, len(s.tokens) - 1)
+            return RoundResult.failed(r, f"bad draft: {exc}")
+        new = [*drafts[: outcome.accepted].tolist(), outcome.next_token]
+        stop_at = next((j for j, t in enumerate(new) if t in s.stop_ids), None)
+        if stop_at is not None:
+            new = new[: stop_at + 1]
+        s.tokens.extend(new)
+        # KV keeps every committed token but the newest: [previous newest] + accepted drafts.
+        self.blocks.truncate(s.session_id, len(s.tokens) - 1)
+        accepted = len(new) - 1
+        s.observe(k, outcome.accepted)
+        self._totals["rounds"] += 1
+        self._totals["drafted"] += k
+        self._totals["accepted"] += accepted
+        self._check_finished(s)
+        result = RoundResult(
+            session_id=s.session_id,
+            round=r.round,
+            accepted=accepted,
+            next_token=new[-1],
+            finished=s.finished,
+            reason=s.reason,
+            suggested_k=0 if s.finished else suggest_k(s.accept_rate, self.config.max_k, load),
+        )
+        s.last_round, s.last_result = r.round, result
+        return result
+
+    # ------------------------------------------------------------------ helpers
+
+    def _prefill(self, sid: str, prompt: np.ndarray) -> np.ndarray:
+        """Feed the prompt in chunks of max_batch_tokens; logits [V] of its last token."""
+        step = self.config.max_batch_tokens
+        for start in range(0, prompt.size, step):
+            chunk = prompt[start : start + step]
+            self.blocks.allocate(sid, chunk.size)
+            # Only the last chunk's last row predicts a token; earlier chunks just fill the KV.
+            rows = [chunk.size - 1] if start + chunk.size == prompt.size else []
+            req = SeqRequest(sid, chunk, start, self.blocks.block_table(sid), rows)
+            (logits,) = self._run_packed([req], "prefill")
+        return logits[0].numpy()
+
+    def _run_packed(self, reqs: list[SeqRequest], kind: str) -> list:
+        """Run requests in as few forwards as max_batch_tokens allows; logits per request."""
+        out: list = []
+        batch: list[SeqRequest] = []
+        tokens = 0
+        for req in [*reqs, None]:
+            n = 0 if req is None else req.token_ids.shape[0]
+            if batch and (req is None or tokens + n > self.config.max_batch_tokens):
+                out.extend(self.runner.run(batch))
+                self._record(kind, batch, tokens)
+                batch, tokens = [], 0
+            if req is not None:
+                batch.append(req)
+                tokens += n
+        return out
+
+    def _record(self, kind: str, batch: list[SeqRequest], tokens: int) -> None:
+        seconds = self.runner.last_forward_s
+        self._forwards.append(ForwardStat(kind, seconds, len(batch), tokens))
+        self._totals["forwards"] += 1
+        self._totals["seconds"] += seconds
+        self._totals["tokens"] += tokens
+
+    def _check_finished(self, s: Session) -> None:
+        if s.tokens[-1] in s.stop_ids:
+            s.finished, s.reason = True, "stop"
+        elif s.generated >= s.max_new_tokens or len(s.tokens) >= self.config.max_model_len:
+            s.finished, s.reason = True, "length"
+        if s.finished:
+            # Only the stored result is needed from here on; the KV goes back to the pool.
+            self.blocks.free(s.session_id)
+            self.runner.attention.forget(s.session_id)
+
+    def _drop_old_finished(self) -> None:
+        """Keep at most max_sessions finished records (for retries) until closed or evicted."""
+        finished = [sid for sid, s in self._sessions.items() if s.finished]
+        for sid in finished[: max(0, len(finished) - self.config.max_sessions)]:
+            del self._sessions[sid]
+
+    def _check_tokens(self, ids: Sequence[int], what: str) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"{what} must be a flat list of token ids")
+        arr = arr.astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.spec.vocab_size):
+            raise ValueError(f"{what} has ids outside the vocabulary 0..{self.spec.vocab_size - 1}")
+        return arr
+
+    # ------------------------------------------------------------------ metrics
+
+    def drain_forwards(self) -> list[ForwardStat]:
+        """Forward records since the last drain (oldest dropped past a bound)."""
+        with self._lock:
+            out = list(self._forwards)
+            self._forwards.clear()
+            return out
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            t = self._totals
+            return EngineStats(
+                active_sessions=sum(not s.finished for s in self._sessions.values()),
+                sessions=len(self._sessions),
+                kv_blocks_used=self.blocks.num_used,
+                kv_blocks_total=self.blocks.num_blocks,
+                forwards_total=t["forwards"],
+                forward_seconds_total=t["seconds"],
+                tokens_total=t["tokens"],
+                rounds_total=t["rounds"],
+                draft_tokens_total=t["drafted"],
+                accepted_tokens_total=t["accepted"],
+            )
