@@ -219,7 +219,9 @@ def sample(ids_or_none: np.ndarray | None, probs: np.ndarray, rng: np.random.Gen
 
     `probs` need not be normalised: u is scaled by the total. With
     side="right" the first index whose cumulative mass exceeds u*total is
-    picked, which can never be a zero-probability entry.
+    picked, which can never be a zero-probability entry. Since u < 1, the
+    rounded u*total stays below total (round-to-nearest leaves t(1 - 2^-53)
+    under t), so some index always qualifies.
     """
     cdf = np.cumsum(np.asarray(probs, dtype=np.float64))
     total = cdf[-1] if cdf.shape[0] else 0.0
@@ -227,7 +229,4 @@ def sample(ids_or_none: np.ndarray | None, probs: np.ndarray, rng: np.random.Gen
         raise ValueError("cannot sample from a distribution with no positive mass")
     u = rng.random()
     idx = int(np.searchsorted(cdf, u * total, side="right"))
-    if idx >= cdf.shape[0]:
-        # u*total rounded up to total: take the last entry with positive mass.
-        idx = int(np.searchsorted(cdf, total, side="left"))
     return int(ids_or_none[idx]) if ids_or_none is not None else idx

@@ -104,6 +104,14 @@ def _draft_q(
     return q_ids, q, float(q[hit[0]])
 
 
+def _correction(p: np.ndarray, q_ids: np.ndarray, q: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw from norm(max(0, p - q)), q being zero outside q_ids."""
+    residual = p.copy()
+    residual[q_ids] -= q
+    np.maximum(residual, 0.0, out=residual)
+    return sample(None, residual if residual.sum() > _RESIDUAL_EPS else p, rng)
+
+
 def verify_sampling(
     draft_ids: np.ndarray,
     draft_dists: list[tuple[np.ndarray, np.ndarray]],
@@ -128,12 +136,8 @@ def verify_sampling(
         # u < min(1, p/q)  <=>  u * q < p, with no division by q.
         if position_rng(seed, stream, pos, Purpose.ACCEPT).random() * qx < p[x]:
             continue
-        residual = p.copy()
-        residual[q_ids] -= q
-        np.maximum(residual, 0.0, out=residual)
-        source = residual if residual.sum() > _RESIDUAL_EPS else p
         resample_rng = position_rng(seed, stream, pos, Purpose.RESAMPLE)
-        return VerifyOutcome(i, sample(None, source, resample_rng))
+        return VerifyOutcome(i, _correction(p, q_ids, q, resample_rng))
     k = draft.shape[0]
     bonus_rng = position_rng(seed, stream, start_position + k, Purpose.RESAMPLE)
     return VerifyOutcome(k, sample(None, p_rows[k], bonus_rng))

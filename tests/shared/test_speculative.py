@@ -8,6 +8,7 @@ from sled_shared.speculative import (
     Purpose,
     SamplingParams,
     VerifyOutcome,
+    _correction,
     position_rng,
     sample,
     sparse_topk,
@@ -110,6 +111,20 @@ def test_sample_inverse_cdf_and_zero_mass_entries() -> None:
         assert sample(None, probs * 3.0, position_rng(s, 0, 0, Purpose.DRAFT)) in (1, 3)
     with pytest.raises(ValueError):
         sample(None, np.zeros(4), position_rng(0, 0, 0, Purpose.DRAFT))
+
+
+class _TopUniform:
+    """Stands in for a Generator whose next uniform is the largest double below 1."""
+
+    def random(self) -> float:
+        return 1.0 - 2.0**-53
+
+
+def test_sample_top_uniform_never_lands_on_trailing_zero_mass() -> None:
+    # The largest uniform lands on the last entry with mass, not on the zeros after it.
+    assert sample(None, np.array([0.1, 0.2, 0.0, 0.0]), _TopUniform()) == 1  # type: ignore[arg-type]
+    ids = np.array([7, 3, 9])
+    assert sample(ids, np.array([0.3, 0.7, 0.0]), _TopUniform()) == 3  # type: ignore[arg-type]
 
 
 def test_sparse_topk_orders_renormalises_and_drops_zeros() -> None:
@@ -271,6 +286,21 @@ def test_sampling_with_one_hot_target_equals_greedy() -> None:
         p = np.eye(VOCAB)[best]
         got = verify_sampling(draft, dists, p, seed=5, stream=trial, start_position=0)
         assert got == verify_greedy(draft, logits)
+
+
+def test_correction_falls_back_to_p_when_residual_is_rounding_noise() -> None:
+    # p == q: max(0, p - q) has no mass (a reject here only comes from rounding);
+    # the draw must come from p rather than fail.
+    p = np.array([0.0, 0.25, 0.75, 0.0])
+    q_ids, q = np.array([1, 2]), np.array([0.25, 0.75])
+    for stream in range(50):
+        got = _correction(p, q_ids, q, position_rng(0, stream, 0, Purpose.RESAMPLE))
+        assert got == sample(None, p, position_rng(0, stream, 0, Purpose.RESAMPLE))
+    # A real residual is used as is: q over-weights 2, so only 1 can come out.
+    q_over = np.array([0.05, 0.95])
+    assert {
+        _correction(p, q_ids, q_over, position_rng(0, s, 0, Purpose.RESAMPLE)) for s in range(50)
+    } == {1}
 
 
 def test_sampling_rejects_malformed_draft_dists() -> None:
