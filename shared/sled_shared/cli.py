@@ -14,7 +14,11 @@ import sys
 from collections.abc import Sequence
 
 # Adding a subcommand is one line here: (name, module exposing add_parser).
-COMMANDS: tuple[tuple[str, str], ...] = (("models", "sled_shared.cli_models"),)
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("models", "sled_shared.cli_models"),
+    ("up", "sled_shared.cli_up"),
+    ("status", "sled_shared.cli_status"),
+)
 
 
 class CliError(Exception):

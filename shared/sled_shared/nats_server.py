@@ -126,7 +126,7 @@ class NatsServer:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if self._proc is not None:
-            procs.stop_group(self._proc, timeout_s)
+            procs.stop_groups([self._proc], timeout_s)
             self._proc = None
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ gets SIGTERM from the kernel if its parent dies without cleaning up."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -56,30 +57,25 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _wait_group(proc: subprocess.Popen, deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        proc.poll()  # reaps the leader so it does not linger as a zombie
-        if not _group_alive(proc.pid):
-            return True
-        time.sleep(0.02)
-    proc.poll()
-    return not _group_alive(proc.pid)
-
-
-def stop_group(proc: subprocess.Popen, timeout_s: float = 10.0) -> int | None:
-    """SIGTERM the process group of ``proc``, SIGKILL whatever is left after
-    ``timeout_s``; returns the leader's exit status."""
+def stop_groups(procs: Sequence[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """SIGTERM the process groups of ``procs`` together, SIGKILL whatever is
+    left after ``timeout_s``, and reap the leaders."""
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        live = [p for p in procs if _group_alive(p.pid)]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)
+        deadline = time.monotonic() + wait_s
+        while live and time.monotonic() < deadline:
+            time.sleep(0.02)
+            for p in live:
+                p.poll()  # reaps the leader so its group can disappear
+            live = [p for p in live if _group_alive(p.pid)]
+        if not live:
             break
-        if _wait_group(proc, time.monotonic() + wait_s):
-            break
-    try:
-        return proc.wait(timeout=1.0)
-    except subprocess.TimeoutExpired:
-        return None
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=1.0)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
