@@ -155,16 +155,18 @@ def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         probs = np.zeros_like(x)
         probs[np.arange(n), np.argmax(x, axis=1)] = 1.0
         return probs
+    # Shift before scaling: (x - max)/T stays finite however small T is
+    # (x/T alone overflows to inf, and inf - inf is NaN); softmax is unchanged.
+    x -= row_max
     x /= params.temperature
     top_k = params.top_k if 0 < params.top_k < vocab else 0
     if top_k:
         probs = np.zeros_like(x)
         for r in range(n):
             ids, _ = _top_k_ids(x[r], top_k)
-            e = np.exp(x[r, ids] - x[r, ids].max())
+            e = np.exp(x[r, ids])
             probs[r, ids] = e / e.sum()
     else:
-        x -= x.max(axis=1, keepdims=True)
         probs = np.exp(x, out=x)
         probs /= probs.sum(axis=1, keepdims=True)
     if params.top_p < 1.0:

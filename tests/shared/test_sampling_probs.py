@@ -143,6 +143,16 @@ def test_greedy_is_one_hot_at_lowest_argmax() -> None:
     np.testing.assert_array_equal(target_probs(logits, SamplingParams()), [[0, 1, 0], [1, 0, 0]])
 
 
+def test_extreme_temperatures_stay_finite() -> None:
+    logits = np.array([[1.0, 2.0, 2.0, 0.5, -np.inf]])
+    cold = target_probs(logits, SamplingParams(temperature=1e-300))
+    np.testing.assert_array_equal(cold, [[0.0, 0.5, 0.5, 0.0, 0.0]])
+    cold_k = target_probs(logits, SamplingParams(temperature=1e-300, top_k=2, top_p=0.4))
+    np.testing.assert_array_equal(cold_k, [[0.0, 1.0, 0.0, 0.0, 0.0]])
+    hot = target_probs(logits, SamplingParams(temperature=1e300))
+    np.testing.assert_allclose(hot, [[0.25, 0.25, 0.25, 0.25, 0.0]])
+
+
 def test_masked_logits_and_bad_input() -> None:
     logits = np.array([[-np.inf, 0.0, 1.0, -np.inf]])
     probs = target_probs(logits, SamplingParams(temperature=1.0, top_p=0.9))
