@@ -104,9 +104,11 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
     Found by a weighted quickselect instead of a full sort (O(V) expected):
     - tokens with p <= b/V are the smallest and hold <= b together, so each
       one's cumulative mass is <= b: removed;
-    - split the undecided pool at its median t. If removed + mass(p < t) <= b,
+    - split the undecided pool at a pivot t. If removed + mass(p < t) <= b,
       every p < t is removed; otherwise every p >= t has cumulative mass
-      > b and is kept. Either way half the pool is decided.
+      > b and is kept. The first pivot is the 64th largest, as the nucleus
+      of a peaked row is often that small; later ones are medians, so each
+      step decides half the pool.
     Only the last few undecided tokens (or a block of ties) get sorted.
     """
     vocab = probs.shape[0]
@@ -115,8 +117,9 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
     pool_p = probs[pool]
     removed_mass = probs.sum() - pool_p.sum()
     kept = [np.empty(0, dtype=np.int64)]
+    rank = pool.shape[0] - _SORT_BELOW
     while pool.shape[0] > _SORT_BELOW:
-        t = np.partition(pool_p, pool.shape[0] // 2)[pool.shape[0] // 2]
+        t = np.partition(pool_p, rank)[rank]
         low = pool_p < t
         if not low.any():
             break  # at least half the pool ties at its minimum: sort it out below
@@ -127,6 +130,7 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
         else:
             kept.append(pool[~low])
             pool, pool_p = pool[low], pool_p[low]
+        rank = pool.shape[0] // 2
     # Ascending by probability; among ties the higher id first, so it goes first.
     order = np.lexsort((-pool, pool_p))
     dropped = removed_mass + np.cumsum(pool_p[order]) <= budget
