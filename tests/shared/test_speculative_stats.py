@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 from sled_shared.speculative import (
     Purpose,
+    SamplingParams,
+    draft_distribution,
     position_rng,
     sample,
     sparse_topk,
+    target_probs,
     verify_sampling,
 )
 
@@ -103,6 +106,8 @@ _rng = np.random.default_rng(5)
 P_DENSE = _rng.dirichlet(np.full(V, 0.8))
 # Target mass only on tokens 4..11; the draft's support overlaps it partly.
 P_PARTIAL = np.concatenate([np.zeros(4), _rng.dirichlet(np.ones(V - 4))])
+_PIPELINE = SamplingParams(temperature=1.0, top_p=0.95, top_k=8)
+_TARGET_LOGITS = _rng.normal(size=V)
 Q_CASES: dict[str, tuple[np.ndarray, Dist]] = {
     "dense_q": (P_DENSE, sparse_topk(_rng.dirichlet(np.full(V, 0.8)), V)),
     "truncated_q": (P_DENSE, sparse_topk(_rng.dirichlet(np.full(V, 0.5)), 4)),
@@ -112,6 +117,12 @@ Q_CASES: dict[str, tuple[np.ndarray, Dist]] = {
     ),
     "point_mass_likely": (P_DENSE, (np.array([int(np.argmax(P_DENSE))]), np.array([1.0]))),
     "point_mass_impossible": (P_PARTIAL, (np.array([2], dtype=np.int32), np.array([1.0]))),
+    # What the services do: the verifier's p from target logits, the drafter's q
+    # from its own correlated logits, both under temperature / top-p / top-k.
+    "logits_pipeline": (
+        target_probs(_TARGET_LOGITS[None], _PIPELINE)[0],
+        draft_distribution(_TARGET_LOGITS + 0.7 * _rng.normal(size=V), _PIPELINE, 5),
+    ),
 }
 
 
@@ -192,7 +203,7 @@ JOINT = P_NEXT[PROMPT_TOKEN][:, None] * P_NEXT  # P(a, b) = p(a | prompt) p(b | 
 
 
 def test_first_two_tokens_have_target_joint_distribution() -> None:
-    counts = joint_counts(trials=4000, k=2)
+    counts = joint_counts(trials=3000, k=2)
     ok, stat, limit = chi_square_passes(counts.ravel(), JOINT.ravel())
     assert ok, f"chi-square {stat:.1f} > {limit:.1f}"
 
@@ -202,7 +213,7 @@ def test_joint_with_position_independent_target_is_product() -> None:
     q: Dist = sparse_topk(np.roll(p, 2), 3)
     rows = np.tile(p, (3, 1))
     counts = np.zeros((JV, JV), dtype=np.int64)
-    for stream in range(3000):
+    for stream in range(2500):
         emitted: list[int] = []
         position = START
         while len(emitted) < 2:
