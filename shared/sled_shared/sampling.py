@@ -122,7 +122,7 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
         t = np.partition(pool_p, rank)[rank]
         low = pool_p < t
         if not low.any():
-            break  # at least half the pool ties at its minimum: sort it out below
+            break  # the pivot is the pool's minimum, a block of ties: sorted out below
         low_mass = pool_p[low].sum()
         if removed_mass + low_mass <= budget:
             removed_mass += low_mass
@@ -230,6 +230,8 @@ def sample(ids_or_none: np.ndarray | None, probs: np.ndarray, rng: np.random.Gen
     under t), so some index always qualifies.
     """
     cdf = np.cumsum(np.asarray(probs, dtype=np.float64))
+    if ids_or_none is not None and len(ids_or_none) != cdf.shape[0]:
+        raise ValueError(f"{len(ids_or_none)} ids for {cdf.shape[0]} probabilities")
     total = cdf[-1] if cdf.shape[0] else 0.0
     if not total > 0:
         raise ValueError("cannot sample from a distribution with no positive mass")

@@ -14,6 +14,12 @@ token is drawn from r = norm(max(0, p - q)). Then
 so the emitted token is distributed exactly as the target's p, whatever q is.
 The identity needs the accept uniform to be independent of the draft draw and
 of the resample draw, hence a separate random stream per `Purpose`.
+
+Uniforms are keyed by absolute position, so a later round reuses keys: after
+a rejection at position j the next round drafts j+1 again with the same DRAFT
+key. That is still exact, because the discarded draft at j+1 was never judged
+(its ACCEPT uniform was not drawn) and so influenced nothing emitted; every
+(position, purpose) uniform decides at most one emitted token.
 """
 
 from __future__ import annotations

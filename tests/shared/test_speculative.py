@@ -109,8 +109,10 @@ def test_sample_inverse_cdf_and_zero_mass_entries() -> None:
     # Unnormalised weights are scaled, never a zero-weight entry is returned.
     for s in range(200):
         assert sample(None, probs * 3.0, position_rng(s, 0, 0, Purpose.DRAFT)) in (1, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no positive mass"):
         sample(None, np.zeros(4), position_rng(0, 0, 0, Purpose.DRAFT))
+    with pytest.raises(ValueError, match="ids for"):
+        sample(ids[:3], probs, position_rng(0, 0, 0, Purpose.DRAFT))
 
 
 class _TopUniform:
