@@ -83,13 +83,19 @@ async def connect(
     client reconnects forever (and resubscribes) after the server goes away.
     The first connection must succeed within ``connect_timeout_s``."""
     last_error: list[BaseException] = []
+    # Before the first connection the caller gets the last error in the
+    # exception; logging every retry would only be noise.
+    connected = False
 
     async def on_error(exc: Exception) -> None:
         last_error[:] = [exc]
-        log.warning("nats: %s: %s", type(exc).__name__, exc)
+        log.log(
+            logging.WARNING if connected else logging.DEBUG, "nats: %s: %s", type(exc).__name__, exc
+        )
 
     async def on_disconnected() -> None:
-        log.warning("nats: disconnected from %s", settings.nats_url)
+        if connected:
+            log.warning("nats: disconnected from %s", settings.nats_url)
 
     async def on_reconnected() -> None:
         log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
@@ -118,6 +124,7 @@ async def connect(
         raise BusError(
             f"cannot connect to NATS at {settings.nats_url} within {connect_timeout_s}s{why}"
         ) from None
+    connected = True
     return nc
 
 
@@ -242,6 +249,9 @@ class BusService:
             queue_group=ep.queue_group,
             metadata=ep.metadata,
         )
+        # A round trip, so the server knows the subscription when this returns
+        # and a request sent right after does not get "no responders".
+        await self.nc.flush()
 
     async def _handle(self, ep: Endpoint, counters: _Counters, req: Request) -> None:
         start = time.perf_counter_ns()

@@ -89,7 +89,7 @@ async def _status(wait_s: float, as_json: bool) -> int:
 
     settings = CommonSettings.from_env()
     try:
-        nc = await bus.connect(settings, name="sled-status", connect_timeout_s=5.0)
+        nc = await bus.connect(settings, name="sled-status", connect_timeout_s=3.0)
     except bus.BusError as exc:
         raise CliError(str(exc)) from None
     try:
