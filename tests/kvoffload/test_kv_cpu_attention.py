@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from sled_kvoffload import cpu_attention
 from sled_kvoffload.cpu_attention import AttendRequest, CpuAttention, attend_runs
 from sled_kvoffload.host_cache import CacheConfig, HostKVCache
 
@@ -64,17 +65,34 @@ def test_ragged_batch_matches_fp64_reference(hq, hkv, d, threads):
                 np.testing.assert_allclose(out, want, rtol=2e-4, atol=2e-5)
 
 
+def _hm(k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Token-major [t, h, d] to the head-major run views the kernel takes."""
+    return k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+
+
+@pytest.mark.parametrize("gemv_max_rows", [0, 1000])
+def test_gemv_and_gemm_paths_agree_with_reference(monkeypatch, gemv_max_rows):
+    monkeypatch.setattr(cpu_attention, "GEMV_MAX_ROWS", gemv_max_rows)
+    rng = np.random.default_rng(13)
+    for n in (1, 4):
+        q = rng.standard_normal((n, 6, 16)).astype(np.float32)
+        k = rng.standard_normal((40, 3, 16)).astype(np.float32)
+        v = rng.standard_normal((40, 3, 16)).astype(np.float32)
+        got = attend_runs(q, [_hm(k[:17], v[:17]), _hm(k[17:], v[17:])], 1 / 4)
+        np.testing.assert_allclose(got, reference(q, k, v), rtol=2e-4, atol=2e-5)
+
+
 def test_new_tokens_do_not_see_later_new_tokens():
     # Changing the last new token's k/v must leave earlier tokens' outputs unchanged.
     rng = np.random.default_rng(11)
     q = rng.standard_normal((4, 2, 8)).astype(np.float32)
     k = rng.standard_normal((10, 2, 8)).astype(np.float32)
     v = rng.standard_normal((10, 2, 8)).astype(np.float32)
-    base = attend_runs(q, [(k, v)], 0.3)
+    base = attend_runs(q, [_hm(k, v)], 0.3)
     k2, v2 = k.copy(), v.copy()
     k2[-1] += 5.0
     v2[-1] -= 5.0
-    changed = attend_runs(q, [(k2, v2)], 0.3)
+    changed = attend_runs(q, [_hm(k2, v2)], 0.3)
     np.testing.assert_array_equal(base[:3], changed[:3])
     assert not np.allclose(base[3], changed[3])
 
@@ -84,8 +102,8 @@ def test_split_runs_give_the_same_result_as_one_run():
     q = rng.standard_normal((3, 6, 16)).astype(np.float32)
     k = rng.standard_normal((50, 2, 16)).astype(np.float32)
     v = rng.standard_normal((50, 2, 16)).astype(np.float32)
-    whole = attend_runs(q, [(k, v)], 0.25)
-    split = attend_runs(q, [(k[:7], v[:7]), (k[7:31], v[7:31]), (k[31:], v[31:])], 0.25)
+    whole = attend_runs(q, [_hm(k, v)], 0.25)
+    split = attend_runs(q, [_hm(k[:7], v[:7]), _hm(k[7:31], v[7:31]), _hm(k[31:], v[31:])], 0.25)
     np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-6)
 
 

@@ -42,9 +42,13 @@ def test_append_then_read_and_runs_return_exactly_what_was_written():
         k, v = cache.read("a", layer, 0, 13)
         np.testing.assert_array_equal(k, want_k)
         np.testing.assert_array_equal(v, want_v)
-        runs = cache.runs("a", layer)
-        np.testing.assert_array_equal(np.concatenate([r[0] for r in runs]), want_k)
-        np.testing.assert_array_equal(np.concatenate([r[1] for r in runs]), want_v)
+        runs = cache.runs("a", layer)  # head-major [kv_heads, t, head_dim]
+        np.testing.assert_array_equal(
+            np.concatenate([r[0] for r in runs], 1), want_k.transpose(1, 0, 2)
+        )
+        np.testing.assert_array_equal(
+            np.concatenate([r[1] for r in runs], 1), want_v.transpose(1, 0, 2)
+        )
         np.testing.assert_array_equal(cache.read("b", layer, 2, 8)[0], b[layer][0][2:8])
     assert cache.length("a") == 13 and cache.length("b") == 8
 

@@ -2,19 +2,20 @@
 
 Decode-time attention reads the whole KV cache once per layer and does a few
 flops per byte, so it is bound by memory bandwidth; the kernel is shaped to
-stream each session's KV exactly once:
+stream each session's KV once:
 
-* Grouped-query heads: the ``group * n`` queries that share a kv head form
-  one stack entry, so every query head reads its kv head's keys together.
-* Each query row is a separate matrix-vector product
-  (``[1, d] @ [d, t]``), broadcast by ``np.matmul`` over (kv head, row): no
-  Python loop per token or head, and OpenBLAS runs gemv, which streams the
-  keys (from cache for the rows after the first) instead of the packing
-  gemm it would pick for a few rows (measured here: ~1.7x slower for 5 rows).
-* Keys and values are read in place from the host store's contiguous block
-  runs (strided views, no gather copy).
+* Grouped-query heads: the ``group * n`` query rows that share a kv head
+  are multiplied with its keys together, stacked over kv heads by
+  ``np.matmul``: no Python loop per token or head.
+* Keys and values are read in place from the host store's head-major block
+  runs (each head of a run is one contiguous matrix; no gather copy).
+* Few rows: each row is its own matrix-vector product, broadcast by
+  ``np.matmul``, so OpenBLAS runs gemv, which streams the keys once from
+  memory and re-reads them from L2 for the other rows; for a few rows the
+  packing gemm it would otherwise pick measured up to 2x slower here. Many
+  rows (large groups times many new tokens): one gemm per kv head.
 * Sessions run on a thread pool (numpy releases the GIL inside BLAS and
-  ufuncs), balanced by their KV size.
+  ufuncs), balanced by their KV size, with BLAS single-threaded in it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sled_kvoffload import blas_threads
 from sled_kvoffload.host_cache import DTYPE, HostKVCache
+
+# Rows per kv head up to which per-row gemv beats one gemm (measured; see module doc).
+GEMV_MAX_ROWS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +57,12 @@ class AttendRequest:
 
 @functools.lru_cache(maxsize=64)
 def _causal_bias(group: int, n: int) -> np.ndarray:
-    """[group * n, 1, n] additive mask over the new tokens' own columns.
+    """[group * n, n] additive mask over the new tokens' own columns.
 
     Row ``g * n + j`` is query token j; it may see new token c only if c <= j.
     """
     bias = np.triu(np.full((n, n), -np.inf, DTYPE), k=1)
-    out = np.tile(bias, (group, 1))[:, None, :]
+    out = np.tile(bias, (group, 1))
     out.setflags(write=False)
     return out
 
@@ -67,32 +72,40 @@ def attend_runs(
 ) -> np.ndarray:
     """Attention of new tokens ``q`` [n, hq, d] over one session's KV runs.
 
-    ``runs`` are ``(k, v)`` views ``[t_r, hkv, d]`` that together hold the
-    whole context, the n new tokens last. Returns float32 ``[n, hq, d]``.
+    ``runs`` are head-major ``(k, v)`` views ``[hkv, t_r, d]`` that together
+    hold the whole context, the n new tokens last. Returns float32 ``[n, hq, d]``.
     """
     n, hq, d = q.shape
-    hkv = runs[0][0].shape[1]
+    hkv = runs[0][0].shape[0]
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads")
     group = hq // hkv
-    total = sum(k.shape[0] for k, _ in runs)
+    rows = group * n
+    total = sum(k.shape[1] for k, _ in runs)
     if total < n:
         raise ValueError(f"context holds {total} tokens, fewer than the {n} new ones")
-    # rows ordered (kv head, group member, token): query head h uses kv head h // group
+    # rows ordered (group member, token) per kv head: query head h uses kv head h // group
     qs = (q.astype(DTYPE, copy=False) * DTYPE(scale)).reshape(n, hkv, group, d)
-    qs = qs.transpose(1, 2, 0, 3).reshape(hkv, group * n, 1, d)
-    parts = [qs @ k.transpose(1, 2, 0)[:, None] for k, _ in runs]  # each [hkv, g*n, 1, t_r]
-    s = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    qs = qs.transpose(1, 2, 0, 3).reshape(hkv, rows, d)
+    gemv = rows <= GEMV_MAX_ROWS
+    if gemv:
+        qs = qs[:, :, None, :]  # [hkv, rows, 1, d]: a stack of row vectors
+    parts = []
+    for k, _ in runs:
+        kt = k.transpose(0, 2, 1)  # [hkv, d, t_r]
+        parts.append((qs @ kt[:, None]).reshape(hkv, rows, -1) if gemv else qs @ kt)
+    s = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)  # [hkv, rows, total]
     if n > 1:
         s[..., total - n :] += _causal_bias(group, n)
     s -= s.max(axis=-1, keepdims=True)
     np.exp(s, out=s)
     denom = s.sum(axis=-1, keepdims=True)
-    out = np.zeros((hkv, group * n, 1, d), DTYPE)
+    out = np.zeros((hkv, rows, d), DTYPE)
     start = 0
     for _, v in runs:
-        stop = start + v.shape[0]
-        out += s[..., start:stop] @ v.transpose(1, 0, 2)[:, None]  # [hkv, g*n, 1, d]
+        stop = start + v.shape[1]
+        p = s[..., start:stop]
+        out += (p[:, :, None, :] @ v[:, None]).reshape(hkv, rows, d) if gemv else p @ v
         start = stop
     out /= denom
     return out.reshape(hkv, group, n, d).transpose(2, 0, 1, 3).reshape(n, hq, d)
@@ -118,6 +131,10 @@ class CpuAttention:
             if self.threads > 1
             else None
         )
+        # Parallelism is over sessions, so BLAS runs single-threaded (process-wide,
+        # see blas_threads) until close().
+        blas_threads.hold_single()
+        self._held = True
 
     def attend(self, layer: int, requests: Sequence[AttendRequest]) -> list[np.ndarray]:
         """Append each request's k/v to ``layer``, return its attention ``[n, hq, d]``."""
@@ -141,7 +158,7 @@ class CpuAttention:
 
     def _run_parallel(self, jobs: list) -> list[np.ndarray]:
         # Longest-first greedy onto the least loaded thread: one task per thread.
-        costs = [sum(k.shape[0] for k, _ in runs) for _, runs in jobs]  # KV tokens streamed
+        costs = [sum(k.shape[1] for k, _ in runs) for _, runs in jobs]  # KV tokens streamed
         shares: list[list[int]] = [[] for _ in range(min(self.threads, len(jobs)))]
         load = [0.0] * len(shares)
         for i in sorted(range(len(jobs)), key=costs.__getitem__, reverse=True):
@@ -162,6 +179,9 @@ class CpuAttention:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._held:
+            blas_threads.release_single()
+            self._held = False
 
     def __enter__(self) -> CpuAttention:
         return self
