@@ -138,6 +138,8 @@ async def request(
         raise NoResponders(f"no service listens on {subject}") from None
     except nats_errors.TimeoutError:
         raise RequestTimeout(f"no reply on {subject} within {timeout}s") from None
+    except nats_errors.Error as exc:  # connection closed or draining
+        raise BusError(f"request on {subject} failed: {type(exc).__name__}: {exc}") from None
     if reply.headers and ERROR_HEADER in reply.headers:
         raise RemoteError(ErrorReply("internal", reply.headers[ERROR_HEADER]))
     out = decode(reply.data, (expect, ErrorReply))

@@ -90,7 +90,7 @@ class Interrupted(LaunchError):
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
+class EndpointUrl:
     service: str
     kind: str  # "nats" | "monitor" | "metrics" | "openai"
     url: str
@@ -132,7 +132,7 @@ class Launcher:
         self.interrupt = interrupt or threading.Event()
         self.nats: NatsServer | None = None
         self.running: list[_Running] = []
-        self.endpoints: list[Endpoint] = []
+        self.endpoints: list[EndpointUrl] = []
 
     @property
     def pids(self) -> dict[str, int]:
@@ -141,7 +141,7 @@ class Launcher:
             out["nats"] = self.nats.pid
         return out
 
-    def start(self) -> list[Endpoint]:
+    def start(self) -> list[EndpointUrl]:
         """Start everything; on any failure stop what was started and raise LaunchError."""
         try:
             self._start_nats()
@@ -154,12 +154,12 @@ class Launcher:
 
     def _start_nats(self) -> None:
         if self.nats_url is not None:
-            self.endpoints.append(Endpoint("nats", "nats", _redact(self.nats_url)))
+            self.endpoints.append(EndpointUrl("nats", "nats", _redact(self.nats_url)))
             return
         self.nats = NatsServer(host=self.host, workdir=self.log_dir / "nats").start()
         self.nats_url = self.nats.url
-        self.endpoints.append(Endpoint("nats", "nats", self.nats.url))
-        self.endpoints.append(Endpoint("nats", "monitor", self.nats.monitor_url))
+        self.endpoints.append(EndpointUrl("nats", "nats", self.nats.url))
+        self.endpoints.append(EndpointUrl("nats", "monitor", self.nats.monitor_url))
 
     def _start_service(self, spec: ServiceSpec) -> None:
         metrics_port = procs.free_port(self.host)
@@ -170,11 +170,11 @@ class Launcher:
             "SLED_METRICS_PORT": str(metrics_port),
         }
         base = f"http://{self.host}"
-        endpoints = [Endpoint(spec.name, "metrics", f"{base}:{metrics_port}/metrics")]
+        endpoints = [EndpointUrl(spec.name, "metrics", f"{base}:{metrics_port}/metrics")]
         if spec.openai:
             http_port = procs.free_port(self.host)
             env.update(SLED_HTTP_HOST=self.host, SLED_HTTP_PORT=str(http_port))
-            endpoints.insert(0, Endpoint(spec.name, "openai", f"{base}:{http_port}"))
+            endpoints.insert(0, EndpointUrl(spec.name, "openai", f"{base}:{http_port}"))
         env.update(spec.env)
         log_path = self.log_dir / f"{spec.name}.log"
         proc = procs.spawn(spec.argv, log_path=log_path, env=env)

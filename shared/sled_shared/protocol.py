@@ -30,6 +30,7 @@ from sled_shared.wire import (
     check_int,
     check_optional,
     check_probs,
+    check_sparse_dists,
     check_str,
     pack,
     unpack,
@@ -55,9 +56,6 @@ __all__ = [
 
 FINISH_REASONS = frozenset({"stop", "length"})
 _U64_MAX = (1 << 64) - 1
-# Tolerance on a sparse draft distribution's total: float32 rounding of a
-# top-k of a few hundred entries stays far below it; a real bug does not.
-_DIST_SUM_TOL = 1e-3
 
 M = TypeVar("M", bound="Message")
 _TYPES: dict[str, type[Message]] = {}
@@ -255,7 +253,7 @@ class VerifyRequest(Message):
         draft = check_ids("draft_ids", self.draft_ids)
         _set(self, "draft_ids", draft)
         if self.draft_dists is not None:
-            _set(self, "draft_dists", _check_dists(draft, self.draft_dists))
+            _set(self, "draft_dists", check_sparse_dists(draft, self.draft_dists))
 
     def to_wire(self) -> dict[str, Any]:
         body = _fields_dict(self)
@@ -282,34 +280,6 @@ class VerifyRequest(Message):
                 zip(np.split(ids, bounds), np.split(probs, bounds), strict=True)
             )
         return _from_fields(cls, body)
-
-
-def _check_dists(draft: np.ndarray, dists: Any) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    if not isinstance(dists, list | tuple) or len(dists) != len(draft):
-        raise ProtocolError(
-            f"draft_dists must hold one (ids, probs) pair per draft token ({len(draft)})"
-        )
-    out = []
-    for i, pair in enumerate(dists):
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
-            raise ProtocolError(f"draft_dists[{i}] must be an (ids, probs) pair")
-        ids, probs = (
-            check_ids(f"draft_dists[{i}].ids", pair[0]),
-            check_probs(f"draft_dists[{i}].probs", pair[1]),
-        )
-        if len(ids) == 0 or len(ids) != len(probs):
-            raise ProtocolError(
-                f"draft_dists[{i}]: ids and probs must be non-empty and of equal length"
-            )
-        if abs(float(probs.sum(dtype=np.float64)) - 1.0) > _DIST_SUM_TOL:
-            raise ProtocolError(f"draft_dists[{i}] probabilities sum to {probs.sum()}, not 1")
-        # The exact rule divides by q(draft token): it must be in the support.
-        if not np.any((ids == draft[i]) & (probs > 0)):
-            raise ProtocolError(
-                f"draft token {int(draft[i])} at index {i} has zero draft probability"
-            )
-        out.append((ids, probs))
-    return tuple(out)
 
 
 @message("verify.response")

@@ -36,6 +36,9 @@ _EXT_DTYPES: dict[int, np.dtype] = {
 }
 _EXT_CODES = {dt.str: code for code, dt in _EXT_DTYPES.items()}
 _INT32_MAX = np.iinfo(np.int32).max
+# Tolerance on a sparse draft distribution's total: float32 rounding of a
+# top-k of a few hundred entries stays far below it; a real bug does not.
+_DIST_SUM_TOL = 1e-3
 
 
 class ServiceError(Exception):
@@ -166,3 +169,30 @@ def check_probs(name: str, value: Any) -> np.ndarray:
 
 def check_optional(name: str, value: Any, check, *args) -> Any:
     return None if value is None else check(name, value, *args)
+
+
+def check_sparse_dists(draft: np.ndarray, dists: Any) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """One (ids, probs) distribution per draft token, each holding its token."""
+    if not isinstance(dists, list | tuple) or len(dists) != len(draft):
+        raise ProtocolError(
+            f"draft_dists must hold one (ids, probs) pair per draft token ({len(draft)})"
+        )
+    out = []
+    for i, pair in enumerate(dists):
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise ProtocolError(f"draft_dists[{i}] must be an (ids, probs) pair")
+        ids = check_ids(f"draft_dists[{i}].ids", pair[0])
+        probs = check_probs(f"draft_dists[{i}].probs", pair[1])
+        if len(ids) == 0 or len(ids) != len(probs):
+            raise ProtocolError(
+                f"draft_dists[{i}]: ids and probs must be non-empty and of equal length"
+            )
+        if abs(float(probs.sum(dtype=np.float64)) - 1.0) > _DIST_SUM_TOL:
+            raise ProtocolError(f"draft_dists[{i}] probabilities sum to {probs.sum()}, not 1")
+        # The exact rule divides by q(draft token): it must be in the support.
+        if not np.any((ids == draft[i]) & (probs > 0)):
+            raise ProtocolError(
+                f"draft token {int(draft[i])} at index {i} has zero draft probability"
+            )
+        out.append((ids, probs))
+    return tuple(out)

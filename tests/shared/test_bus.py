@@ -113,6 +113,9 @@ async def test_no_responders_and_timeout_are_typed(nats_url):
         with pytest.raises(bus.RequestTimeout):
             await bus.request(nc, "sled.v1.silent", SessionClose("s"), 0.3)
         await sub.unsubscribe()
+        await nc.close()
+        with pytest.raises(bus.BusError, match="ConnectionClosedError"):
+            await bus.request(nc, "sled.v1.silent", SessionClose("s"), 0.3)
 
 
 async def test_connect_timeout_names_the_url():
