@@ -275,9 +275,9 @@ class VerifyRequest(Message):
             ids, probs = check_ids("dist_ids", flat[1]), check_probs("dist_probs", flat[2])
             if int(lens.sum()) != len(ids) or len(ids) != len(probs):
                 raise ProtocolError("dist_lens do not add up to the dist_ids/dist_probs lengths")
-            bounds = np.cumsum(lens)[:-1]
+            ends = np.cumsum(lens).tolist()
             body["draft_dists"] = tuple(
-                zip(np.split(ids, bounds), np.split(probs, bounds), strict=True)
+                (ids[a:b], probs[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)
             )
         return _from_fields(cls, body)
 

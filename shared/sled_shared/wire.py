@@ -172,27 +172,34 @@ def check_optional(name: str, value: Any, check, *args) -> Any:
 
 
 def check_sparse_dists(draft: np.ndarray, dists: Any) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """One (ids, probs) distribution per draft token, each holding its token."""
+    """One (ids, probs) distribution per draft token, each holding its token.
+
+    Checked on the concatenation, so the cost is a few numpy calls whatever K is.
+    """
     if not isinstance(dists, list | tuple) or len(dists) != len(draft):
         raise ProtocolError(
             f"draft_dists must hold one (ids, probs) pair per draft token ({len(draft)})"
         )
-    out = []
-    for i, pair in enumerate(dists):
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
-            raise ProtocolError(f"draft_dists[{i}] must be an (ids, probs) pair")
-        ids = check_ids(f"draft_dists[{i}].ids", pair[0])
-        probs = check_probs(f"draft_dists[{i}].probs", pair[1])
-        if len(ids) == 0 or len(ids) != len(probs):
-            raise ProtocolError(
-                f"draft_dists[{i}]: ids and probs must be non-empty and of equal length"
-            )
-        if abs(float(probs.sum(dtype=np.float64)) - 1.0) > _DIST_SUM_TOL:
-            raise ProtocolError(f"draft_dists[{i}] probabilities sum to {probs.sum()}, not 1")
-        # The exact rule divides by q(draft token): it must be in the support.
-        if not np.any((ids == draft[i]) & (probs > 0)):
-            raise ProtocolError(
-                f"draft token {int(draft[i])} at index {i} has zero draft probability"
-            )
-        out.append((ids, probs))
-    return tuple(out)
+    if not all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in dists):
+        raise ProtocolError("each draft_dists entry must be an (ids, probs) pair")
+    if not dists:
+        return ()
+    lens = [len(ids) if hasattr(ids, "__len__") else -1 for ids, _ in dists]
+    if min(lens) < 1 or lens != [len(p) if hasattr(p, "__len__") else -1 for _, p in dists]:
+        raise ProtocolError("draft_dists: ids and probs must be non-empty and of equal length")
+    ids = check_ids("draft_dists ids", np.concatenate([np.asarray(i) for i, _ in dists]))
+    probs = check_probs("draft_dists probs", np.concatenate([np.asarray(p) for _, p in dists]))
+    starts = np.cumsum([0, *lens[:-1]])
+    sums = np.add.reduceat(probs.astype(np.float64, copy=False), starts)
+    if np.abs(sums - 1.0).max() > _DIST_SUM_TOL:
+        bad = int(np.argmax(np.abs(sums - 1.0)))
+        raise ProtocolError(f"draft_dists[{bad}] probabilities sum to {sums[bad]}, not 1")
+    # The exact rule divides by q(draft token): it must be in the support.
+    held = np.logical_or.reduceat((ids == np.repeat(draft, lens)) & (probs > 0), starts)
+    if not held.all():
+        bad = int(np.argmin(held))
+        raise ProtocolError(
+            f"draft token {int(draft[bad])} at index {bad} has zero draft probability"
+        )
+    bounds = [(int(a), int(a) + n) for a, n in zip(starts, lens, strict=True)]
+    return tuple((ids[a:b], probs[a:b]) for a, b in bounds)  # views, not copies
