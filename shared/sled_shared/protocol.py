@@ -275,10 +275,9 @@ class VerifyRequest(Message):
             ids, probs = check_ids("dist_ids", flat[1]), check_probs("dist_probs", flat[2])
             if int(lens.sum()) != len(ids) or len(ids) != len(probs):
                 raise ProtocolError("dist_lens do not add up to the dist_ids/dist_probs lengths")
-            ends = np.cumsum(lens).tolist()
-            body["draft_dists"] = tuple(
-                (ids[a:b], probs[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)
-            )
+            ends = np.cumsum(lens)
+            bounds = zip((ends - lens).tolist(), ends.tolist(), strict=True)
+            body["draft_dists"] = tuple((ids[a:b], probs[a:b]) for a, b in bounds)
         return _from_fields(cls, body)
 
 

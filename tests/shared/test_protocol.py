@@ -32,6 +32,7 @@ SAMPLES = [
     SessionOpened("s-1", "v-1", 0),
     VerifyRequest("s-1", 0, 3, np.array([5, 6], np.int32)),
     VerifyRequest("s-1", 4, 9, np.zeros(0, np.int32)),
+    VerifyRequest("s-1", 5, 9, [], []),  # sampling with K=0
     VerifyRequest(
         "s-1",
         7,
@@ -64,7 +65,8 @@ def test_round_trip_keeps_values_and_dtypes():
     assert msg.prompt_ids.dtype == np.int32 and msg.prompt_ids.tolist() == [1, 2, 49151]
     assert msg.params == SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=2**64 - 1)
     assert msg.stream == 12345678901234 and msg.stop_ids.tolist() == [2]
-    dists = decode(encode(SAMPLES[6])).draft_dists
+    (sampled,) = [m for m in SAMPLES if isinstance(m, VerifyRequest) and len(m.draft_ids) == 3]
+    dists = decode(encode(sampled)).draft_dists
     assert [d[0].tolist() for d in dists] == [[5, 9], [6], [1, 7, 3]]
     assert [d[1].tolist() for d in dists] == [[0.75, 0.25], [1.0], [0.5, 0.25, 0.25]]
     assert all(d[1].dtype == np.float64 for d in dists)
