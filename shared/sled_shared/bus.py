@@ -124,6 +124,8 @@ async def connect(
         raise BusError(
             f"cannot connect to NATS at {settings.nats_url} within {connect_timeout_s}s{why}"
         ) from None
+    except nats_errors.Error as exc:  # e.g. a malformed URL: retrying will not help
+        raise BusError(f"cannot connect to NATS at {settings.nats_url}: {exc}") from None
     connected = True
     return nc
 

@@ -122,6 +122,10 @@ async def test_connect_timeout_names_the_url():
     url = "nats://127.0.0.1:1"
     with pytest.raises(bus.BusError, match=r"127\.0\.0\.1:1"):
         await bus.connect(CommonSettings(nats_url=url), connect_timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(bus.BusError, match="invalid connect url"):
+        await bus.connect(CommonSettings(nats_url="nats://127.0.0.1:x"), connect_timeout_s=5)
+    assert time.monotonic() - started < 1  # not retried: it can never work
 
 
 async def test_user_password_auth(tmp_path):
