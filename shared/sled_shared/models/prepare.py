@@ -13,8 +13,10 @@ import contextlib
 import fcntl
 import json
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -129,6 +131,23 @@ def _cache_lock(cache: Path, timeout_s: float) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit, so temp dirs are removed and child tools killed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def prepare(
     cache: Path | None = None,
     force: bool = False,
@@ -146,7 +165,7 @@ def prepare(
     except OSError as exc:
         raise PrepareError(f"cannot create model cache {root}: {exc}") from exc
     start = time.monotonic()
-    with _cache_lock(root, lock_timeout_s):
+    with _terminate_cleanly(), _cache_lock(root, lock_timeout_s):
         tmp_root = root / ".tmp"
         # Leftovers of an interrupted run; safe to drop while holding the lock.
         shutil.rmtree(tmp_root, ignore_errors=True)
