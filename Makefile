@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PKGS   := -e 'shared[prepare,local]' -e services/drafter -e services/verifier \
-          -e services/kvoffload -e services/scheduler
+          -e services/kvoffload -e services/scheduler -e bench
 
 .PHONY: venv models up test lint bench clean
 
