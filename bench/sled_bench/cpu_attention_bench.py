@@ -8,6 +8,9 @@ timed step attends every layer once, then the new tokens are truncated off
 (untimed) so the context stays fixed. Enough layers are used that one step
 streams well over the last-level cache, so the KV comes from DRAM.
 
+``--profile N`` also times N random ragged batches (SmolLM2 shape), fits the
+scheduler's CPU attention cost model on them and prints its held-out error.
+
     PYTHONPATH=bench .venv/bin/python -m sled_bench.cpu_attention_bench
 """
 
@@ -24,6 +27,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sled_kvoffload.cpu_attention import AttendRequest, CpuAttention
 from sled_kvoffload.host_cache import CacheConfig, HostKVCache
+from sled_scheduler.cost_model import fit_cost_model
+from sled_scheduler.profiles import Component, Sample
 
 SHAPES = {  # name: (q heads, kv heads, head dim) of one layer
     "llama2-7b": (32, 32, 128),
@@ -95,6 +100,46 @@ def run_case(
     return float(np.median(times)), sessions * (context + new_tokens) * 2 * hkv * d * 4, layers
 
 
+def profile_cpu_attention(samples: int, threads: int, seed: int = 0) -> list[Sample]:
+    """Measured CPU_ATTN samples: random sessions, new tokens and ragged contexts."""
+    hq, hkv, d = SHAPES["smollm2-135m"]
+    rng = np.random.default_rng(seed)
+    cache = HostKVCache(CacheConfig(1, hkv, d, num_blocks=16 * 2 * 4096 // 16, block_size=16))
+    out = []
+    with CpuAttention(cache, q_heads=hq, threads=threads) as attn:
+        for i in range(samples):
+            sessions = int(rng.integers(1, 17))
+            n = int(rng.integers(1, 10))
+            ctx = rng.integers(16, 4096, size=sessions)
+            ids = [f"p{i}-{j}" for j in range(sessions)]
+            for sid, c in zip(ids, ctx, strict=True):
+                kv = rng.standard_normal((int(c), hkv, d), dtype=np.float32)
+                cache.append(sid, 0, kv, kv)
+            reqs = [
+                AttendRequest(
+                    sid,
+                    rng.standard_normal((n, hq, d), dtype=np.float32),
+                    rng.standard_normal((n, hkv, d), dtype=np.float32),
+                    rng.standard_normal((n, hkv, d), dtype=np.float32),
+                )
+                for sid in ids
+            ]
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                attn.attend(0, reqs)
+                times.append(time.perf_counter() - t0)
+                for sid, c in zip(ids, ctx, strict=True):
+                    cache.truncate(sid, int(c))
+            tokens, context = sessions * n, int(ctx.sum()) + sessions * n
+            out.append(
+                Sample(Component.CPU_ATTN, float(np.median(times)), tokens, context, sessions)
+            )
+            for sid in ids:
+                cache.evict(sid)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", type=int, default=16)
@@ -102,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", default="1,5")
     ap.add_argument("--threads", default=f"1,{os.cpu_count() or 1}")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile", type=int, default=0, help="random batches to fit a model on")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     cores = os.cpu_count() or 1
@@ -131,6 +177,15 @@ def main(argv: list[str] | None = None) -> None:
                     f"| {shape} | {n} | {th} | {layers} | {row.ms_per_layer:.2f} | "
                     f"{row.kv_gbps:.1f} | {row.ratio:.0%} |"
                 )
+    fit_error = None
+    if args.profile:
+        samples = profile_cpu_attention(args.profile, threads=cores)
+        fit_error = fit_cost_model(samples).errors[Component.CPU_ATTN]
+        print(
+            f"\ncpu_attn cost model on {len(samples)} measured ragged batches "
+            f"(smollm2 shape, {cores} threads): held-out mean abs relative error "
+            f"{fit_error:.1%}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

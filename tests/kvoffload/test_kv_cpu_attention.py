@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sled_kvoffload import cpu_attention
 from sled_kvoffload.cpu_attention import AttendRequest, CpuAttention, attend_runs
-from sled_kvoffload.host_cache import CacheConfig, HostKVCache
+from sled_kvoffload.host_cache import CacheConfig, HostKVCache, OutOfBlocksError
 
 
 def reference(q: np.ndarray, k_all: np.ndarray, v_all: np.ndarray) -> np.ndarray:
@@ -119,3 +119,20 @@ def test_bad_batches_are_rejected():
             attn.attend(0, [AttendRequest("a", np.zeros((1, 2, 4)), z, z)])
     with pytest.raises(ValueError, match="same n"):
         AttendRequest("a", np.zeros((2, 4, 4)), z, z)
+
+
+def test_batch_that_does_not_fit_changes_nothing():
+    cfg = CacheConfig(num_layers=1, kv_heads=1, head_dim=4, num_blocks=4, block_size=4)
+    cache = HostKVCache(cfg)
+    rng = np.random.default_rng(14)
+    cache.append("a", 0, rng.standard_normal((7, 1, 4)), rng.standard_normal((7, 1, 4)))
+    reqs = [
+        AttendRequest(s, *(rng.standard_normal((n, 1, 4)) for _ in range(3)))
+        for s, n in (("a", 1), ("b", 4), ("c", 5))  # a fits its block; b + c need 3 of 2 free
+    ]
+    with CpuAttention(cache, q_heads=1, threads=1) as attn:
+        with pytest.raises(OutOfBlocksError, match="need 3, 2 free"):
+            attn.attend(0, reqs)
+        assert cache.length("a") == 7 and "b" not in cache and "c" not in cache
+        outs = attn.attend(0, reqs[:2])
+    assert [o.shape for o in outs] == [(1, 1, 4), (4, 1, 4)] and cache.length("a") == 8

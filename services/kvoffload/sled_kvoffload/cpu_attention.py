@@ -100,12 +100,16 @@ def attend_runs(
     s -= s.max(axis=-1, keepdims=True)
     np.exp(s, out=s)
     denom = s.sum(axis=-1, keepdims=True)
-    out = np.zeros((hkv, rows, d), DTYPE)
+    out = None
     start = 0
     for _, v in runs:
         stop = start + v.shape[1]
         p = s[..., start:stop]
-        out += (p[:, :, None, :] @ v[:, None]).reshape(hkv, rows, d) if gemv else p @ v
+        part = (p[:, :, None, :] @ v[:, None]).reshape(hkv, rows, d) if gemv else p @ v
+        if out is None:
+            out = part
+        else:
+            out += part
         start = stop
     out /= denom
     return out.reshape(hkv, group, n, d).transpose(2, 0, 1, 3).reshape(n, hq, d)
@@ -148,6 +152,8 @@ class CpuAttention:
                     f"session {r.session!r}: q must be [n, {self.q_heads}, "
                     f"{self.cache.config.head_dim}], got {r.q.shape}"
                 )
+        # All or nothing: a batch that does not fit changes no cache, so it can be retried.
+        self.cache.check_appends([(r.session, layer, r.k.shape[0]) for r in requests])
         # Appends mutate the block tables: done here, in the owner thread.
         for r in requests:
             self.cache.append(r.session, layer, r.k, r.v)

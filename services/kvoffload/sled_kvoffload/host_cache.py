@@ -102,6 +102,26 @@ class HostKVCache:
     def blocks_needed(self, tokens: int) -> int:
         return -(-tokens // self.config.block_size)
 
+    def check_appends(self, appends: list[tuple[str, int, int]]) -> None:
+        """Raise before any change if ``(session, layer, new tokens)`` appends cannot all fit.
+
+        Lets a batch append all or nothing, so a failed batch can be retried whole.
+        """
+        grow: dict[str, int] = {}
+        for session, layer, n in appends:
+            s = self._sessions.get(session)
+            if s is not None:
+                self._check_ready(session, s)
+            have = 0 if s is None else len(s.blocks)
+            end = (0 if s is None else int(s.lengths[self._layer(layer)])) + n
+            grow[session] = max(grow.get(session, 0), self.blocks_needed(end) - have)
+        need = sum(max(0, g) for g in grow.values())
+        if need > self._alloc.num_free:
+            raise OutOfBlocksError(
+                f"host KV store out of blocks for a batch of {len(grow)} sessions: need {need}, "
+                f"{self._alloc.num_free} free of {self._alloc.num_blocks}"
+            )
+
     def free_tokens(self) -> int:
         return self._alloc.num_free * self.config.block_size
 
