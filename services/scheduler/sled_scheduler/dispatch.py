@@ -47,12 +47,19 @@ def _slacks(model: CostModel, shape: ModelShape, b0: Load, b1: Load) -> tuple[fl
     return (a0 + l1 + a1) - c0, (a1 + l0 + a0) - c1
 
 
-def _place(model, shape, b0: Load, b1: Load, s: SessionState, must: bool) -> bool:
-    """Put s in the sub-batch with more slack; undo (False) if it would stall and not ``must``."""
+def _stall(model: CostModel, shape: ModelShape, b0: Load, b1: Load) -> float:
+    return sum(max(0.0, -x) for x in _slacks(model, shape, b0, b1))
+
+
+def _place(
+    model: CostModel, shape: ModelShape, b0: Load, b1: Load, s: SessionState, must: bool
+) -> bool:
+    """Put s in the sub-batch with more slack; undo (False) if that adds stall and not ``must``."""
     s0, s1 = _slacks(model, shape, b0, b1)
+    before = max(0.0, -s0) + max(0.0, -s1)
     target = b1 if s1 >= s0 else b0
     target.add(s, s.tier)
-    if must or min(_slacks(model, shape, b0, b1)) >= 0:
+    if must or _stall(model, shape, b0, b1) <= before:
         return True
     target.remove(s, s.tier)
     return False
