@@ -86,7 +86,9 @@ def attend_runs(
         raise ValueError(f"context holds {total} tokens, fewer than the {n} new ones")
     # rows ordered (group member, token) per kv head: query head h uses kv head h // group
     qs = (q.astype(DTYPE, copy=False) * DTYPE(scale)).reshape(n, hkv, group, d)
-    qs = qs.transpose(1, 2, 0, 3).reshape(hkv, rows, d)
+    # C order matters: numpy walks the stacked products in the operands' memory order,
+    # and a row-major view would stream every kv head's keys once per row (measured 2x).
+    qs = np.ascontiguousarray(qs.transpose(1, 2, 0, 3)).reshape(hkv, rows, d)
     gemv = rows <= GEMV_MAX_ROWS
     if gemv:
         qs = qs[:, :, None, :]  # [hkv, rows, 1, d]: a stack of row vectors
