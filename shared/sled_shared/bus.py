@@ -159,6 +159,8 @@ class Endpoint:
     queue_group: str | None = None  # None: nats.micro's default group "q"
     max_concurrency: int = 64
     metadata: dict[str, str] | None = None
+    # Extra figures for this endpoint's ``data`` in $SRV.STATS (JSON-able values).
+    stats_data: Callable[[], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -195,6 +197,7 @@ class BusService:
         self.drain_timeout_s = drain_timeout_s
         self._micro: micro.service.Service | None = None
         self._counters: dict[str, _Counters] = {}
+        self._stats_data: dict[str, Callable[[], dict[str, Any]]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
 
@@ -226,6 +229,8 @@ class BusService:
         if ep.name in self._counters:
             raise ValueError(f"endpoint {ep.name!r} added twice")
         counters = self._counters[ep.name] = _Counters()
+        if ep.stats_data is not None:
+            self._stats_data[ep.name] = ep.stats_data
         slots = asyncio.Semaphore(ep.max_concurrency)
 
         async def on_request(req: Request) -> None:
@@ -294,7 +299,8 @@ class BusService:
         stats.last_error = c.last_error
         stats.processing_time = c.busy_ns
         stats.average_processing_time = c.busy_ns // c.done if c.done else 0
-        return {"in_flight": c.in_flight}
+        extra = self._stats_data.get(stats.name)
+        return {**(extra() if extra else {}), "in_flight": c.in_flight}
 
     async def stop(self) -> None:
         """Drain: stop taking requests, finish those in flight, close the connection."""

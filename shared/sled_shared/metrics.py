@@ -237,6 +237,12 @@ class VerifierMetrics:
             buckets=BATCH_SIZE_BUCKETS,
             registry=registry,
         )
+        self.batch_devices = _histogram(
+            "sled_verifier_batch_devices",
+            "Distinct devices whose rounds one batched forward verified together.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
         self.batch_tokens = _histogram(
             "sled_verifier_batch_tokens",
             "Tokens fed through one batched forward (ragged across sessions).",

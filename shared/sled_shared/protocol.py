@@ -179,7 +179,12 @@ def _set(msg: Message, name: str, value: Any) -> None:
 @message("session.open")
 @dataclass(frozen=True, slots=True, eq=False)
 class SessionOpen(Message):
-    """Open a session: the verifier prefills ``prompt_ids`` and samples the first token."""
+    """Open a session: the verifier prefills ``prompt_ids`` and samples the first token.
+
+    With ``resume`` (failover to another verifier) ``prompt_ids`` is the whole
+    committed history: the verifier prefills it, samples nothing, and the
+    session goes on from its last token; ``max_new_tokens`` is what remains.
+    """
 
     prompt_ids: np.ndarray
     max_new_tokens: int
@@ -188,11 +193,17 @@ class SessionOpen(Message):
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: int = 0  # random-stream id chosen by the drafter; survives failover
     stop_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    resume: bool = False
 
     def __post_init__(self) -> None:
         prompt = check_ids("prompt_ids", self.prompt_ids)
-        if prompt.size == 0:
-            raise ProtocolError("prompt_ids must hold at least one token")
+        _set(self, "resume", check_bool("resume", self.resume))
+        if prompt.size < (2 if self.resume else 1):
+            raise ProtocolError(
+                "a resumed history holds the prompt and at least one generated token"
+                if self.resume
+                else "prompt_ids must hold at least one token"
+            )
         _set(self, "prompt_ids", prompt)
         _set(self, "max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, 1))
         check_str("draft_kind", self.draft_kind)
