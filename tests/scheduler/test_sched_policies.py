@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from sled_scheduler.cost_model import fit_cost_model
 from sled_scheduler.plan import (
     ACCEL,
     RECOMPUTE,
@@ -15,8 +16,9 @@ from sled_scheduler.plan import (
     WorkerState,
 )
 from sled_scheduler.policies import plan
+from sled_scheduler.profiles import Component, Sample
 
-from .conftest import SHAPE
+from .conftest import SHAPE, truth_accel_attn, truth_linear
 
 WORKERS = (WorkerState("w1", 200_000, 16_000), WorkerState("w2", 200_000, 16_000))
 
@@ -158,3 +160,14 @@ def test_bad_states_are_rejected():
     with pytest.raises(ValueError):
         plan(_state(), None, "fastest")  # type: ignore[arg-type]
     assert math.isinf(_state().latency_bound_s)
+
+
+def test_offloading_without_cpu_profiles_is_a_clear_error():
+    samples = [Sample(Component.LINEAR, truth_linear(n), tokens=n) for n in range(1, 300, 7)]
+    samples += [
+        Sample(Component.ACCEL_ATTN, truth_accel_attn(c), context=c) for c in range(100, 9000, 200)
+    ]
+    model = fit_cost_model(samples)
+    assert plan(_state(), model, "gpu-only").run  # gpu-only needs no CPU profile
+    with pytest.raises(ValueError, match="no cpu_attn profile samples"):
+        plan(_state(), model, "apex")
