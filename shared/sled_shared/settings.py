@@ -82,6 +82,10 @@ class DrafterSettings(CommonSettings):
     http_port: int = _env("SLED_HTTP_PORT", 8000)
     max_k: int = _env("SLED_MAX_K", 8)
     request_timeout_s: float = _env("SLED_REQUEST_TIMEOUT_S", 30.0)
+    # The model the device serves (its tokenizer and context length); drafts share its tokenizer.
+    target_model: str = _env("SLED_TARGET_MODEL", "smollm2-135m")
+    max_sessions: int = _env("SLED_DRAFTER_MAX_SESSIONS", 8)  # generations running at once
+    max_waiting: int = _env("SLED_DRAFTER_MAX_WAITING", 32)  # requests queued beyond those
 
 
 @dataclass(slots=True)
