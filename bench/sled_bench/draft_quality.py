@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -52,6 +53,16 @@ class DraftReport:
     agreement: float
     positions: int
     tokens_per_round_k4: float
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def target_continuations(target_dir: Path, prompts: list[list[int]], new: int) -> list[list[int]]:
@@ -145,8 +156,9 @@ def main() -> None:
         backend.close()
 
     print(
-        f"machine: {platform.machine()} {platform.processor() or ''}, torch threads "
-        f"{torch.get_num_threads()}, {len(prompts)} prompts x {args.new_tokens} target tokens"
+        f"machine: {cpu_name()}, {os.cpu_count()} cpus, load average "
+        f"{os.getloadavg()[0]:.1f} (other processes share the cpus: speeds are lower bounds); "
+        f"{len(prompts)} prompts x up to {args.new_tokens} target tokens"
     )
     print("| draft | tok/s (greedy, 1 session) | greedy agreement | tokens/round K=4 |")
     print("|---|---|---|---|")
