@@ -87,11 +87,22 @@ class VerifierEngine:
         max_new_tokens: int,
         stream: int,
         stop_token_ids: Sequence[int] | None = None,
+        resume: bool = False,
     ) -> OpenResult:
-        """Prefill the prompt and produce the first token (Purpose.FIRST at len(prompt))."""
+        """Prefill the prompt and produce the first token (Purpose.FIRST at len(prompt)).
+
+        With `resume` (failover) the prompt is a session's whole committed
+        history: all but its last token are prefilled, nothing is sampled, the
+        last token is the newest committed one (returned as first_token), and
+        max_new_tokens counts what remains to generate after it.
+        """
         prompt = self._check_tokens(prompt_ids, "prompt")
-        if prompt.size == 0:
-            raise ValueError("prompt must not be empty")
+        if prompt.size < (2 if resume else 1):
+            raise ValueError(
+                "a resumed history needs the prompt and at least one generated token"
+                if resume
+                else "prompt must not be empty"
+            )
         if prompt.size >= self.config.max_model_len:
             raise ValueError(
                 f"prompt of {prompt.size} tokens leaves no room in max_model_len "
@@ -109,7 +120,7 @@ class VerifierEngine:
             sid = uuid.uuid4().hex
             self.blocks.add(sid)
             try:
-                logits = self._prefill(sid, prompt)
+                logits = self._prefill(sid, prompt[:-1] if resume else prompt)
             except OutOfBlocksError as exc:
                 self.blocks.free(sid)
                 raise CapacityError(str(exc)) from None
@@ -117,7 +128,12 @@ class VerifierEngine:
                 self.blocks.free(sid)
                 raise
             seed = params.seed if params.seed is not None else secrets.randbits(63)
-            if params.greedy:
+            if resume:
+                first = int(prompt[-1])
+                prompt = prompt[:-1]
+                # The history's last token counts as generated, so one more is allowed.
+                max_new_tokens += 1
+            elif params.greedy:
                 first = int(np.argmax(logits))
             else:
                 rng = position_rng(seed, stream, prompt.size, Purpose.FIRST)
@@ -137,12 +153,13 @@ class VerifierEngine:
             self._drop_old_finished()
             return OpenResult(sid, first, s.finished, s.reason)
 
-    def close(self, session_id: str) -> None:
-        """Forget a session and free its KV; unknown ids are ignored (close is idempotent)."""
+    def close(self, session_id: str) -> bool:
+        """Forget a session and free its KV; False (and nothing done) for an unknown id."""
         with self._lock:
-            self._sessions.pop(session_id, None)
+            known = self._sessions.pop(session_id, None) is not None
             self.blocks.free(session_id)
             self.runner.attention.forget(session_id)
+            return known
 
     def evict_idle(self, ttl_s: float) -> list[str]:
         """Close sessions untouched for more than ttl_s seconds; returns their ids."""
@@ -178,7 +195,9 @@ class VerifierEngine:
         for i, r in enumerate(rounds):
             s = self._sessions.get(r.session_id)
             if s is None:
-                results[i] = RoundResult.failed(r, f"unknown session {r.session_id!r}")
+                results[i] = RoundResult.failed(
+                    r, f"unknown session {r.session_id!r}", "unknown_session"
+                )
                 continue
             s.last_used = time.monotonic()
             if r.session_id in seen:
@@ -196,7 +215,7 @@ class VerifierEngine:
             try:
                 self.blocks.allocate(s.session_id, k + 1)
             except OutOfBlocksError as exc:
-                results[i] = RoundResult.failed(r, str(exc))
+                results[i] = RoundResult.failed(r, str(exc), "at_capacity")
                 continue
             pending.append(_Pending(i, r, s, k))
         return pending

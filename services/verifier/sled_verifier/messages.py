@@ -48,10 +48,12 @@ class RoundResult:
     reason: str | None  # "stop" | "length" | None
     suggested_k: int  # drafts to send next round; 0 means plain decoding
     error: str | None = None
+    # The wire error code for `error`: bad_request, unknown_session or at_capacity.
+    error_code: str | None = None
 
     @classmethod
-    def failed(cls, r: VerifyRound, error: str) -> RoundResult:
-        return cls(r.session_id, r.round, 0, -1, False, None, 0, error)
+    def failed(cls, r: VerifyRound, error: str, code: str = "bad_request") -> RoundResult:
+        return cls(r.session_id, r.round, 0, -1, False, None, 0, error, code)
 
 
 @dataclass(frozen=True, slots=True)
