@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sled_kvoffload.cpu_attention import AttendRequest, CpuAttention
 from sled_kvoffload.host_cache import CacheConfig, HostKVCache
-from sled_scheduler.cost_model import fit_cost_model
-from sled_scheduler.profiles import Component, Sample
+from sled_shared.apex.cost_model import fit_cost_model
+from sled_shared.apex.profiles import Component, Sample
 
 SHAPES = {  # name: (q heads, kv heads, head dim) of one layer
     "llama2-7b": (32, 32, 128),

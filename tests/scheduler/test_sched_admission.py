@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from sled_scheduler.admission import HOST, VerifierLoad, admit
-from sled_scheduler.plan import ACCEL
+from sled_shared.apex.plan import ACCEL
 
 
 def test_least_loaded_verifier_with_accelerator_room_wins():

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sled_scheduler.plan import ACCEL, Policy
+from sled_shared.apex.plan import ACCEL, Policy
 
 HOST = "host"  # start on one of the verifier's kvoffload workers
 

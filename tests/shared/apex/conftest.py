@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from sled_scheduler.cost_model import CostModel, fit_cost_model
-from sled_scheduler.plan import ModelShape
-from sled_scheduler.profiles import Component, Sample
+from sled_shared.apex.cost_model import CostModel, fit_cost_model
+from sled_shared.apex.plan import ModelShape
+from sled_shared.apex.profiles import Component, Sample
 
 SHAPE = ModelShape(num_layers=32, q_heads=32, kv_heads=32, head_dim=128, act_bytes=2)
 

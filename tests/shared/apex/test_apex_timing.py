@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from sled_scheduler.plan import ACCEL, Mode, SessionState
-from sled_scheduler.timing import Load, accel_layer, cpu_layer, predict
+from sled_shared.apex.plan import ACCEL, Mode, SessionState
+from sled_shared.apex.timing import Load, accel_layer, cpu_layer, predict
 
 from .conftest import SHAPE
 

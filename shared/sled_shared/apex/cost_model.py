@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sled_scheduler.profiles import Component, Sample
+from sled_shared.apex.profiles import Component, Sample
 
 Features = Callable[[np.ndarray], np.ndarray]  # [n, raw] -> [n, basis]
 

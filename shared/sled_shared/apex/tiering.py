@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sled_scheduler.plan import ACCEL, RECOMPUTE, IterationState, Migration, SessionState
+from sled_shared.apex.plan import ACCEL, RECOMPUTE, IterationState, Migration, SessionState
 
 # (session, free tokens per worker) -> worker id with room, or None
 WorkerPicker = Callable[[SessionState, dict[str, int]], str | None]

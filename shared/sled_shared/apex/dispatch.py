@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sled_scheduler.cost_model import CostModel
-from sled_scheduler.plan import Mode, ModelShape, Predicted, SessionState
-from sled_scheduler.timing import Load, accel_layer, cpu_layer, predict
+from sled_shared.apex.cost_model import CostModel
+from sled_shared.apex.plan import Mode, ModelShape, Predicted, SessionState
+from sled_shared.apex.timing import Load, accel_layer, cpu_layer, predict
 
 
 @dataclass(frozen=True, slots=True)

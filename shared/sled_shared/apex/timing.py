@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sled_scheduler.cost_model import CostModel
-from sled_scheduler.plan import ACCEL, Mode, ModelShape, Predicted, SessionState
+from sled_shared.apex.cost_model import CostModel
+from sled_shared.apex.plan import ACCEL, Mode, ModelShape, Predicted, SessionState
 
 
 @dataclass(slots=True)

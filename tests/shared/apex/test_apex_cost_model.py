@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
-from sled_scheduler.cost_model import fit_component, fit_cost_model, relative_error
-from sled_scheduler.profiles import Component, Profile, Sample
+from sled_shared.apex.cost_model import fit_component, fit_cost_model, relative_error
+from sled_shared.apex.profiles import Component, Profile, Sample
 
 from .conftest import (
     synthetic_samples,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from sled_scheduler.cost_model import fit_cost_model
-from sled_scheduler.plan import (
+from sled_shared.apex.cost_model import fit_cost_model
+from sled_shared.apex.plan import (
     ACCEL,
     RECOMPUTE,
     IterationState,
@@ -15,8 +15,8 @@ from sled_scheduler.plan import (
     SessionState,
     WorkerState,
 )
-from sled_scheduler.policies import plan
-from sled_scheduler.profiles import Component, Sample
+from sled_shared.apex.policies import plan
+from sled_shared.apex.profiles import Component, Sample
 
 from .conftest import SHAPE, truth_accel_attn, truth_linear
 

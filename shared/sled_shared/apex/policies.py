@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from sled_scheduler.cost_model import CostModel
-from sled_scheduler.dispatch import Choice, apex_select, neo_select, no_offload
-from sled_scheduler.plan import (
+from sled_shared.apex.cost_model import CostModel
+from sled_shared.apex.dispatch import Choice, apex_select, neo_select, no_offload
+from sled_shared.apex.plan import (
     ACCEL,
     RECOMPUTE,
     IterationState,
@@ -28,9 +28,9 @@ from sled_scheduler.plan import (
     Policy,
     SessionState,
 )
-from sled_scheduler.profiles import Component
-from sled_scheduler.tiering import WorkerPicker, decide_tiers, most_free
-from sled_scheduler.timing import Load
+from sled_shared.apex.profiles import Component
+from sled_shared.apex.tiering import WorkerPicker, decide_tiers, most_free
+from sled_shared.apex.timing import Load
 
 
 def load_aware_picker(state: IterationState, model: CostModel) -> WorkerPicker:
