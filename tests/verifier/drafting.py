@@ -64,3 +64,16 @@ class SamplingDrafter:
             dists.append((d_ids.astype(np.int32), d_probs.astype(np.float64)))
             seq.append(token)
         return np.array(ids, dtype=np.int32), dists
+
+
+def scripted_case(kind: str, hf_model, prompt: list[int], max_new: int, stream: int):
+    """(params, propose(history, k) -> (drafts, dists), greedy reference or None)."""
+    if kind == "greedy":
+        ref = hf_greedy(hf_model, prompt, max_new)
+
+        def propose(history: list[int], k: int):
+            return greedy_drafts(ref, len(history) - len(prompt), k), None
+
+        return SamplingParams(), propose, ref
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=42)
+    return params, SamplingDrafter(hf_model, params, stream).propose, None

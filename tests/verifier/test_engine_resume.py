@@ -9,7 +9,7 @@ from sled_shared.speculative import SamplingParams
 from sled_verifier.engine import VerifierEngine, VerifyRound
 
 from .conftest import tiny_config
-from .drafting import K_SCHEDULE, SamplingDrafter, greedy_drafts, hf_greedy
+from .drafting import K_SCHEDULE, scripted_case
 
 PROMPT = [5, 17, 33, 8, 91, 40, 12]
 MAX_NEW = 40
@@ -34,23 +34,10 @@ def drive(engine, sid, history, propose, first_round=0, stop_after=None):
     raise AssertionError("session did not finish")
 
 
-def setup_case(kind, hf_model):
-    if kind == "greedy":
-        params = SamplingParams()
-        ref = hf_greedy(hf_model, PROMPT, MAX_NEW)
-
-        def propose(history, k):
-            return greedy_drafts(ref, len(history) - len(PROMPT), k), None
-
-        return params, propose, ref
-    params = SamplingParams(temperature=0.9, top_p=0.95, seed=42)
-    return params, SamplingDrafter(hf_model, params, STREAM).propose, None
-
-
 @pytest.mark.parametrize("kind", ["greedy", "sampling"])
 def test_resumed_session_continues_with_the_same_tokens(kind, tiny_model_dirs, hf_models):
     model_dir, hf = tiny_model_dirs["gqa"], hf_models["gqa"]
-    params, propose, ref = setup_case(kind, hf)
+    params, propose, ref = scripted_case(kind, hf, PROMPT, MAX_NEW, STREAM)
 
     whole = VerifierEngine(tiny_config(model_dir))
     o = whole.open_session(PROMPT, params, MAX_NEW, STREAM)
