@@ -30,6 +30,9 @@ class EngineConfig:
     max_sessions: int = 64
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     max_k: int = 8  # most draft tokens accepted per round
+    # torch intra-op threads for this process; 0 = torch's default (all cores). On a CPU
+    # shared with other busy processes, 1 avoids OpenMP threads waiting on each other.
+    threads: int = 0
     torch_dtype: torch.dtype = field(init=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +58,10 @@ class EngineConfig:
         _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("max_sessions", self.max_sessions)
         _positive("max_k", self.max_k)
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(
+                f"threads must be an int >= 0 (0 = torch default), not {self.threads!r}"
+            )
         if self.num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0 (0 = auto), not {self.num_blocks}")
         if not 0.0 < self.kv_memory_fraction <= 0.95:

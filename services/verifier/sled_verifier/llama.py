@@ -46,6 +46,9 @@ class LlamaModel:
         self.cos = (angles.cos() * spec.rope_scale).to(device=device, dtype=dtype)
         self.sin = (angles.sin() * spec.rope_scale).to(device=device, dtype=dtype)
         self.max_len = max_len
+        # On CPU a [hidden, V] copy of the (tall) head makes the one-row decode matvec ~2x
+        # faster than the [V, hidden] layout; GPUs handle either layout equally well.
+        self._head_t = weights.lm_head.t().contiguous() if device.type == "cpu" else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -70,7 +73,8 @@ class LlamaModel:
             gate, up = F.linear(x, lw.gate_up, lw.gate_up_bias).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, lw.down, lw.down_bias)
         x = _rms_norm(h[batch.logit_rows], self.w.norm, eps)
-        return F.linear(x, self.w.lm_head).float()
+        logits = x @ self._head_t if self._head_t is not None else F.linear(x, self.w.lm_head)
+        return logits.float()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

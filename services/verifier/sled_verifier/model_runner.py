@@ -39,6 +39,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.spec, weights = load_weights(config.model_dir, self.device, config.torch_dtype)
         self.block_size = config.block_size
         blocks_per_session = -(-config.max_model_len // config.block_size)
