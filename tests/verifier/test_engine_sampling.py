@@ -23,7 +23,7 @@ PROMPT = [14, 15, 92, 65, 35]
 @pytest.fixture(scope="module")
 def engine(tiny_model_dirs):
     return VerifierEngine(
-        tiny_config(tiny_model_dirs["gqa"], num_blocks=450, block_size=16, max_sessions=450)
+        tiny_config(tiny_model_dirs["gqa"], num_blocks=256, block_size=16, max_sessions=256)
     )
 
 
@@ -61,26 +61,25 @@ def test_emitted_token_follows_target_distribution_whatever_the_draft(engine, hf
 
     Accept-always would emit that token every time; the exact rule must emit p.
     """
-    params_of = [SamplingParams(temperature=1.0, top_k=3, seed=s) for s in range(400)]
-    opened = [engine.open_session(PROMPT, p, max_new_tokens=5, stream=0) for p in params_of]
-    # Condition on the most common first token; later draws use independent streams.
-    first = Counter(o.first_token for o in opened).most_common(1)[0][0]
-    group = [o for o in opened if o.first_token == first]
-    history = [*PROMPT, first]
-    p = _p(hf_models["gqa"], history, params_of[0])
+    hf = hf_models["gqa"]
+    history = [*PROMPT, int(reference_logits(hf, PROMPT)[-1].argmax())]
+    params_of = [SamplingParams(temperature=1.0, top_k=3, seed=s) for s in range(200)]
+    # Resumed from the same history, every session is in the same state; seeds differ.
+    opened = [engine.open_session(history, p, 5, stream=0, resume=True) for p in params_of]
+    p = _p(hf, history, params_of[0])
     support = np.flatnonzero(p)
     draft = int(support[np.argmin(p[support])])
     dist = [(np.array([draft], np.int32), np.array([1.0]))]
-    rounds = [VerifyRound(o.session_id, 1, len(history), np.array([draft]), dist) for o in group]
+    rounds = [VerifyRound(o.session_id, 1, len(history), np.array([draft]), dist) for o in opened]
     emitted = Counter()
     for res in engine.verify(rounds):
         assert res.error is None
         emitted[draft if res.accepted else res.next_token] += 1
-    n = len(group)
-    assert n >= 120
+    n = len(opened)
     freq = np.array([emitted[t] / n for t in support])
+    assert sum(emitted.values()) == n and set(emitted) <= set(support.tolist())
+    # Deterministic seeds; 0.12 is ~3 standard errors of a TV estimate over 3 outcomes at n=200.
     tv = 0.5 * np.abs(freq - p[support]).sum()
-    # Deterministic seeds; ~4 standard errors of a TV estimate over 3 outcomes at n >= 120.
     assert tv < 0.12, (freq, p[support])
     assert abs(emitted[draft] / n - p[draft]) < 0.1
     for o in opened:

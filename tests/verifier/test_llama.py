@@ -114,3 +114,10 @@ def test_block_table_too_short_is_rejected(tiny_model_dirs):
     h.blocks.allocate("a", 4)
     with pytest.raises(ValueError, match="block table too short"):
         h.runner.run([SeqRequest("a", np.arange(5), 0, h.blocks.block_table("a"), [4])])
+
+
+def test_auto_kv_budget_never_exceeds_what_sessions_can_use(tiny_model_dirs):
+    runner = ModelRunner(tiny_config(tiny_model_dirs["gqa"], num_blocks=0))
+    # Plenty of host memory for a tiny model: capped at max_sessions full-length sessions.
+    assert runner.num_blocks == 8 * (256 // 4)
+    assert runner.kv_cache.data.shape == (2, 2, runner.num_blocks, 4, 2, 16)
