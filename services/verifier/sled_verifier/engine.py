@@ -11,11 +11,11 @@ import secrets
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from sled_shared.speculative import (
     Purpose,
     SamplingParams,
@@ -27,7 +27,16 @@ from sled_shared.speculative import (
 )
 
 from .block_manager import BlockManager, OutOfBlocksError
+from .checks import (
+    check_open,
+    cut_at_stop,
+    feedable_drafts,
+    finish_reason,
+    round_error,
+    token_ids,
+)
 from .config import EngineConfig
+from .counters import Counters
 from .messages import (
     CapacityError,
     EngineStats,
@@ -49,8 +58,6 @@ __all__ = [
     "VerifierEngine",
     "VerifyRound",
 ]
-
-_FORWARD_LOG = 1024  # forward records kept until drained
 
 
 @dataclass(slots=True)
@@ -75,8 +82,7 @@ class VerifierEngine:
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
-        self._forwards: deque[ForwardStat] = deque(maxlen=_FORWARD_LOG)
-        self._totals = dict(forwards=0, seconds=0.0, tokens=0, rounds=0, drafted=0, accepted=0)
+        self.counters = Counters()
 
     # ----------------------------------------------------------------- sessions
 
@@ -96,23 +102,9 @@ class VerifierEngine:
         last token is the newest committed one (returned as first_token), and
         max_new_tokens counts what remains to generate after it.
         """
-        prompt = self._check_tokens(prompt_ids, "prompt")
-        if prompt.size < (2 if resume else 1):
-            raise ValueError(
-                "a resumed history needs the prompt and at least one generated token"
-                if resume
-                else "prompt must not be empty"
-            )
-        if prompt.size >= self.config.max_model_len:
-            raise ValueError(
-                f"prompt of {prompt.size} tokens leaves no room in max_model_len "
-                f"{self.config.max_model_len}"
-            )
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not isinstance(stream, int) or not 0 <= stream < 2**64:
-            raise ValueError(f"stream must be an int in [0, 2**64), got {stream!r}")
-        stops = self._check_tokens(stop_token_ids or [], "stop_token_ids")
+        prompt = token_ids(prompt_ids, "prompt", self.spec.vocab_size)
+        check_open(prompt, resume, self.config.max_model_len, max_new_tokens, stream)
+        stops = token_ids(stop_token_ids or [], "stop_token_ids", self.spec.vocab_size)
         with self._lock:
             live = sum(not s.finished for s in self._sessions.values())
             if live >= self.config.max_sessions:
@@ -207,11 +199,11 @@ class VerifierEngine:
             if r.round == s.last_round and s.last_result is not None:
                 results[i] = s.last_result  # a retry: answer again, never advance twice
                 continue
-            error = self._round_error(s, r)
+            error = round_error(s, r, self.config.max_k, self.spec.vocab_size)
             if error:
                 results[i] = RoundResult.failed(r, error)
                 continue
-            k = self._feedable_drafts(s, r)
+            k = feedable_drafts(s, r, self.config.max_model_len)
             try:
                 self.blocks.allocate(s.session_id, k + 1)
             except OutOfBlocksError as exc:
@@ -220,31 +212,7 @@ class VerifierEngine:
             pending.append(_Pending(i, r, s, k))
         return pending
 
-    def _round_error(self, s: Session, r: VerifyRound) -> str | None:
-        if r.round != s.last_round + 1:
-            return f"round {r.round} is not the next round (last answered: {s.last_round})"
-        if s.finished:
-            return f"session already finished ({s.reason})"
-        if r.committed_len != len(s.tokens):
-            return f"committed_len {r.committed_len} != {len(s.tokens)} committed on the verifier"
-        k = r.draft_ids.shape[0]
-        if k > self.config.max_k:
-            return f"{k} drafts exceed max_k {self.config.max_k}"
-        if k and (r.draft_ids.min() < 0 or r.draft_ids.max() >= self.spec.vocab_size):
-            return "draft ids outside the vocabulary"
-        if not s.params.greedy and k and (r.draft_dists is None or len(r.draft_dists) != k):
-            return "sampling rounds need one draft distribution per draft token"
-        return None
-
-    def _feedable_drafts(self, s: Session, r: VerifyRound) -> int:
-        """Drafts past the token or length budget could never be committed: skip them."""
-        room = min(
-            s.max_new_tokens - s.generated,
-            self.config.max_model_len - len(s.tokens),
-        )
-        return min(r.draft_ids.shape[0], room - 1)
-
-    def _forward_rounds(self, pending: list[_Pending]) -> list:
+    def _forward_rounds(self, pending: list[_Pending]) -> list[torch.Tensor]:
         reqs = [
             SeqRequest(
                 p.session.session_id,
@@ -277,18 +245,13 @@ class VerifierEngine:
         except ValueError as exc:
             self.blocks.truncate(s.session_id, len(s.tokens) - 1)
             return RoundResult.failed(r, f"bad draft: {exc}")
-        new = [*drafts[: outcome.accepted].tolist(), outcome.next_token]
-        stop_at = next((j for j, t in enumerate(new) if t in s.stop_ids), None)
-        if stop_at is not None:
-            new = new[: stop_at + 1]
+        new = cut_at_stop([*drafts[: outcome.accepted].tolist(), outcome.next_token], s.stop_ids)
         s.tokens.extend(new)
         # KV keeps every committed token but the newest: [previous newest] + accepted drafts.
         self.blocks.truncate(s.session_id, len(s.tokens) - 1)
         accepted = len(new) - 1
         s.observe(k, outcome.accepted)
-        self._totals["rounds"] += 1
-        self._totals["drafted"] += k
-        self._totals["accepted"] += accepted
+        self.counters.round(k, accepted)
         self._check_finished(s)
         result = RoundResult(
             session_id=s.session_id,
@@ -316,34 +279,25 @@ class VerifierEngine:
             (logits,) = self._run_packed([req], "prefill")
         return logits[0].numpy()
 
-    def _run_packed(self, reqs: list[SeqRequest], kind: str) -> list:
+    def _run_packed(self, reqs: list[SeqRequest], kind: str) -> list[torch.Tensor]:
         """Run requests in as few forwards as max_batch_tokens allows; logits per request."""
-        out: list = []
+        out: list[torch.Tensor] = []
         batch: list[SeqRequest] = []
         tokens = 0
         for req in [*reqs, None]:
             n = 0 if req is None else req.token_ids.shape[0]
             if batch and (req is None or tokens + n > self.config.max_batch_tokens):
                 out.extend(self.runner.run(batch))
-                self._record(kind, batch, tokens)
+                self.counters.forward(kind, self.runner.last_forward_s, len(batch), tokens)
                 batch, tokens = [], 0
             if req is not None:
                 batch.append(req)
                 tokens += n
         return out
 
-    def _record(self, kind: str, batch: list[SeqRequest], tokens: int) -> None:
-        seconds = self.runner.last_forward_s
-        self._forwards.append(ForwardStat(kind, seconds, len(batch), tokens))
-        self._totals["forwards"] += 1
-        self._totals["seconds"] += seconds
-        self._totals["tokens"] += tokens
-
     def _check_finished(self, s: Session) -> None:
-        if s.tokens[-1] in s.stop_ids:
-            s.finished, s.reason = True, "stop"
-        elif s.generated >= s.max_new_tokens or len(s.tokens) >= self.config.max_model_len:
-            s.finished, s.reason = True, "length"
+        s.reason = finish_reason(s, self.config.max_model_len)
+        s.finished = s.reason is not None
         if s.finished:
             # Only the stored result is needed from here on; the KV goes back to the pool.
             self.blocks.free(s.session_id)
@@ -355,36 +309,25 @@ class VerifierEngine:
         for sid in finished[: max(0, len(finished) - self.config.max_sessions)]:
             del self._sessions[sid]
 
-    def _check_tokens(self, ids: Sequence[int], what: str) -> np.ndarray:
-        arr = np.asarray(ids)
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError(f"{what} must be a flat list of token ids")
-        arr = arr.astype(np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() >= self.spec.vocab_size):
-            raise ValueError(f"{what} has ids outside the vocabulary 0..{self.spec.vocab_size - 1}")
-        return arr
-
     # ------------------------------------------------------------------ metrics
 
     def drain_forwards(self) -> list[ForwardStat]:
         """Forward records since the last drain (oldest dropped past a bound)."""
         with self._lock:
-            out = list(self._forwards)
-            self._forwards.clear()
-            return out
+            return self.counters.drain()
 
     def stats(self) -> EngineStats:
         with self._lock:
-            t = self._totals
+            c = self.counters
             return EngineStats(
                 active_sessions=sum(not s.finished for s in self._sessions.values()),
                 sessions=len(self._sessions),
                 kv_blocks_used=self.blocks.num_used,
                 kv_blocks_total=self.blocks.num_blocks,
-                forwards_total=t["forwards"],
-                forward_seconds_total=t["seconds"],
-                tokens_total=t["tokens"],
-                rounds_total=t["rounds"],
-                draft_tokens_total=t["drafted"],
-                accepted_tokens_total=t["accepted"],
+                forwards_total=c.forwards,
+                forward_seconds_total=c.forward_seconds,
+                tokens_total=c.tokens,
+                rounds_total=c.rounds,
+                draft_tokens_total=c.drafted,
+                accepted_tokens_total=c.accepted,
             )
