@@ -35,7 +35,7 @@ ERROR_RATIO_BUCKETS: tuple[float, ...] = (
 
 TIERS: tuple[str, ...] = ("accelerator", "host")
 RESOURCES: tuple[str, ...] = ("accelerator", "cpu")
-KV_OPS: tuple[str, ...] = ("append", "attend", "truncate", "evict", "migrate")
+KV_OPS: tuple[str, ...] = ("open", "append", "attend", "truncate", "evict", "migrate")
 
 
 class MetricFamily(NamedTuple):

@@ -17,11 +17,19 @@ def session_close(verifier_id: str) -> str:
     return f"{PREFIX}.session.close.{verifier_id}"
 
 
+KV_OPS = ("open", "append", "attend", "truncate", "evict", "migrate", "stats")
+SCHED_TOPICS = ("profile", "load", "plan", "admit", "model")
+
+
 def kv(worker_id: str, op: str) -> str:
-    """``op`` is one of append/attend/truncate/evict/migrate."""
+    """A KV-offload worker's subject (messages in ``sled_shared.kv_protocol``)."""
+    if op not in KV_OPS:
+        raise ValueError(f"kv op {op!r} is not one of {KV_OPS}")
     return f"{PREFIX}.kv.{worker_id}.{op}"
 
 
 def sched(topic: str) -> str:
-    """``topic`` is e.g. ``profile``, ``plan``, ``admit``."""
+    """A scheduler subject (messages in ``sled_shared.sched_protocol``)."""
+    if topic not in SCHED_TOPICS:
+        raise ValueError(f"scheduler topic {topic!r} is not one of {SCHED_TOPICS}")
     return f"{PREFIX}.sched.{topic}"

@@ -25,6 +25,7 @@ ERROR_CODES = frozenset(
         "unsupported_version",  # the peer speaks another protocol version
         "unknown_session",  # evicted or never opened: open a new session
         "at_capacity",  # retry after retry_after_s, or elsewhere
+        "unavailable",  # cannot answer yet (e.g. no cost model fitted): fall back locally
         "internal",  # a bug on the server side
     }
 )

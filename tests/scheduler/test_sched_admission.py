@@ -26,7 +26,7 @@ def test_offloading_policies_start_sessions_on_host_when_accelerators_are_full()
         assert (a.verifier_id, a.tier) == ("v1", HOST)
     a = admit(2000, vs, "gpu-only")
     assert a.verifier_id is None and a.retry_after_s == 1.0
-    assert "no verifier has KV room for 2064 tokens" in a.reason
+    assert "no verifier has KV room for 2064 tokens" in a.reason and a.code == "kv_full"
 
 
 def test_rejects_with_retry_after_when_everything_is_full():
@@ -36,7 +36,7 @@ def test_rejects_with_retry_after_when_everything_is_full():
     ]
     a = admit(10, vs, "apex", retry_after_s=2.5)
     assert (a.verifier_id, a.tier, a.retry_after_s) == (None, None, 2.5)
-    assert "session limit" in a.reason
+    assert "session limit" in a.reason and a.code == "session_limit"
     assert admit(10, [], "neo").reason == "at capacity: no verifier registered"
 
 

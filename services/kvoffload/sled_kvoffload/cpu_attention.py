@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -142,8 +142,19 @@ class CpuAttention:
         blas_threads.hold_single()
         self._held = True
 
-    def attend(self, layer: int, requests: Sequence[AttendRequest]) -> list[np.ndarray]:
-        """Append each request's k/v to ``layer``, return its attention ``[n, hq, d]``."""
+    def attend(
+        self,
+        layer: int,
+        requests: Sequence[AttendRequest],
+        stored: Mapping[str, int] | None = None,
+    ) -> list[np.ndarray]:
+        """Append each request's k/v to ``layer``, return its attention ``[n, hq, d]``.
+
+        ``stored`` maps sessions whose k/v are already in the cache (a retried
+        request) to the length of the prefix that ends with them: those are
+        attended over that prefix and not appended again.
+        """
+        stored = stored or {}
         seen: set[str] = set()
         for r in requests:
             if r.session in seen:
@@ -155,11 +166,12 @@ class CpuAttention:
                     f"{self.cache.config.head_dim}], got {r.q.shape}"
                 )
         # All or nothing: a batch that does not fit changes no cache, so it can be retried.
-        self.cache.check_appends([(r.session, layer, r.k.shape[0]) for r in requests])
+        fresh = [r for r in requests if r.session not in stored]
+        self.cache.check_appends([(r.session, layer, r.k.shape[0]) for r in fresh])
         # Appends mutate the block tables: done here, in the owner thread.
-        for r in requests:
+        for r in fresh:
             self.cache.append(r.session, layer, r.k, r.v)
-        jobs = [(r.q, self.cache.runs(r.session, layer)) for r in requests]
+        jobs = [(r.q, self.cache.runs(r.session, layer, stored.get(r.session))) for r in requests]
         if self._pool is None or len(jobs) < 2:
             return [attend_runs(q, runs, self.scale) for q, runs in jobs]
         return self._run_parallel(jobs)

@@ -135,16 +135,22 @@ class HostKVCache:
             capacity_bytes=self._alloc.num_blocks * self.config.block_bytes,
         )
 
-    def runs(self, session: str, layer: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def runs(
+        self, session: str, layer: int, upto: int | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Views (no copies) of the session's keys and values in ``layer``.
 
         One ``(k, v)`` pair per contiguous run of blocks, each head-major
         ``[kv_heads, tokens, head_dim]``, together covering exactly the
-        stored tokens in order.
+        stored tokens in order (only the first ``upto`` when given).
         """
         s = self._get(session)
         self._check_ready(session, s)
         remaining = int(s.lengths[self._layer(layer)])
+        if upto is not None:
+            if not 0 <= upto <= remaining:
+                raise ValueError(f"upto={upto} outside the {remaining} tokens of layer {layer}")
+            remaining = upto
         bs, k_all, v_all = self.config.block_size, self._k[layer], self._v[layer]
         out = []
         for first, count in self._block_runs(s):

@@ -62,13 +62,9 @@ def chunk_tokens(kv_heads: int, head_dim: int, chunk_bytes: int) -> int:
     return chunk_bytes // per_token
 
 
-def export_session(
-    cache: HostKVCache, session: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[KVChunk]:
-    """Yield the session's whole cache as chunks of at most ``chunk_bytes`` of K+V."""
-    cfg = cache.config
+def _exportable_length(cache: HostKVCache, session: str) -> int:
     total = cache.length(session)
-    lengths = {cache.length(session, layer) for layer in range(cfg.num_layers)}
+    lengths = {cache.length(session, layer) for layer in range(cache.config.num_layers)}
     if lengths != {total}:
         raise ValueError(
             f"session {session!r} is mid-forward (layer lengths {sorted(lengths)}); "
@@ -76,12 +72,41 @@ def export_session(
         )
     if total == 0:
         raise ValueError(f"session {session!r} holds no tokens to migrate")
+    return total
+
+
+def export_session(
+    cache: HostKVCache, session: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[KVChunk]:
+    """Yield the session's whole cache as chunks of at most ``chunk_bytes`` of K+V."""
+    cfg = cache.config
+    total = _exportable_length(cache, session)
     step = chunk_tokens(cfg.kv_heads, cfg.head_dim, chunk_bytes)
     for layer in range(cfg.num_layers):
         for start in range(0, total, step):
             end = min(start + step, total)
             k, v = cache.read(session, layer, start, end)
             yield KVChunk(session, layer, start, total, k, v)
+
+
+def export_chunk(
+    cache: HostKVCache, session: str, index: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> tuple[KVChunk, int]:
+    """Chunk ``index`` of what ``export_session`` yields, and how many there are.
+
+    Random access, so a remote reader can fetch chunks in any order or again.
+    """
+    cfg = cache.config
+    total = _exportable_length(cache, session)
+    step = chunk_tokens(cfg.kv_heads, cfg.head_dim, chunk_bytes)
+    per_layer = -(-total // step)
+    count = per_layer * cfg.num_layers
+    if not 0 <= index < count:
+        raise ValueError(f"chunk index {index} outside the {count} chunks of session {session!r}")
+    layer, start = divmod(index, per_layer)
+    start *= step
+    k, v = cache.read(session, layer, start, min(start + step, total))
+    return KVChunk(session, layer, start, total, k, v), count
 
 
 class SessionImport:

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sled_shared.apex.plan import ACCEL, Policy
-
-HOST = "host"  # start on one of the verifier's kvoffload workers
+from sled_shared.sched_protocol import HOST
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +40,7 @@ class Admission:
     tier: str | None  # ACCEL or HOST: where the prefilled KV goes
     retry_after_s: float | None  # when at capacity: ask again after this long
     reason: str  # why, for logs and the error reply
+    code: str = "admitted"  # at capacity: no_verifier | session_limit | kv_full (metric label)
 
 
 def admit(
@@ -70,9 +70,9 @@ def admit(
             best = min(on_host, key=lambda v: (v.predicted_iteration_s, -v.host_free_tokens))
             return Admission(best.verifier_id, HOST, None, "host room (offloaded)")
     if not verifiers:
-        why = "no verifier registered"
+        code, why = "no_verifier", "no verifier registered"
     elif not open_:
-        why = "every verifier is at its session limit"
+        code, why = "session_limit", "every verifier is at its session limit"
     else:
-        why = f"no verifier has KV room for {need} tokens"
-    return Admission(None, None, retry_after_s, f"at capacity: {why}")
+        code, why = "kv_full", f"no verifier has KV room for {need} tokens"
+    return Admission(None, None, retry_after_s, f"at capacity: {why}", code)
