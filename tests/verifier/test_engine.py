@@ -220,3 +220,31 @@ def test_max_sessions_and_bad_open_arguments(tiny_model_dirs):
     eng.close(a.session_id)  # idempotent
     eng.open_session([3], GREEDY, max_new_tokens=4, stream=0)
     assert eng.stats().active_sessions == 2
+
+
+def test_long_prompt_and_big_batches_split_into_bounded_forwards(tiny_model_dirs, hf_models):
+    eng = VerifierEngine(tiny_config(tiny_model_dirs["gqa"], max_batch_tokens=12, max_k=4))
+    prompts = [list(range(3, 43)), [50, 51, 52], [60, 61, 62, 63]]
+    refs = [hf_greedy(hf_models["gqa"], p, 6) for p in prompts]
+    opened = [eng.open_session(p, GREEDY, max_new_tokens=6, stream=0) for p in prompts]
+    assert [o.first_token for o in opened] == [r[0] for r in refs]
+    prefill = eng.drain_forwards()
+    assert [f.tokens for f in prefill] == [12, 12, 12, 4, 3, 4]  # 40 tokens in chunks of 12
+    rounds = [
+        VerifyRound(o.session_id, 1, len(p) + 1, np.array(r[1:5]))
+        for o, p, r in zip(opened, prompts, refs, strict=True)
+    ]
+    results = eng.verify(rounds)
+    assert [(res.accepted, res.next_token) for res in results] == [(4, r[5]) for r in refs]
+    # Three rounds of 5 tokens fit in forwards of at most 12 tokens only as 2 + 1.
+    assert [(f.kind, f.sessions, f.tokens) for f in eng.drain_forwards()] == [
+        ("verify", 2, 10),
+        ("verify", 1, 5),
+    ]
+    stats = eng.stats()
+    assert (stats.rounds_total, stats.draft_tokens_total, stats.accepted_tokens_total) == (
+        3,
+        12,
+        12,
+    )
+    assert stats.forwards_total == 8 and stats.tokens_total == 47 + 15
