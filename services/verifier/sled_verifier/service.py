@@ -41,8 +41,9 @@ from sled_shared.protocol import (
 )
 from sled_shared.settings import VerifierSettings
 
-from .batcher import Batcher, BatchLimits, BatchReport
+from .batcher import Batcher, BatchLimits
 from .engine import CapacityError, OpenResult, RoundResult, VerifierEngine, VerifyRound
+from .service_stats import ServiceStats
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,6 @@ class _Record:
     last_used: float = field(default_factory=time.monotonic)
 
 
-@dataclass(slots=True)
-class _BatchTally:
-    batches: int = 0
-    last_size: int = 0
-    max_size: int = 0
-    last_devices: int = 0
-    max_devices: int = 0
-    multi_device_batches: int = 0
-
-
 class VerifierService:
     def __init__(
         self,
@@ -93,6 +84,7 @@ class VerifierService:
         self.verifier_id = verifier_id
         self.target_model = target_model or settings.target_model
         self.metrics = metrics or VerifierMetrics()
+        self.stats = ServiceStats(self.metrics)
         self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="sled-engine")
         max_sessions = min(settings.max_sessions, engine.config.max_sessions)
         self.limits = BatchLimits(
@@ -105,14 +97,12 @@ class VerifierService:
             self.limits,
             self._verify_on_engine,
             self.engine_thread,
-            on_batch=self._on_batch,
+            on_batch=self.stats.on_batch,
             on_queue=self.metrics.queue_depth.set,
         )
         # Device of each session (for per-batch device counts) and its lifecycle.
         self._sessions: OrderedDict[str, _Record] = OrderedDict()
         self._records_cap = 4 * self.limits.max_queue
-        self._tally = _BatchTally()
-        self.metrics.set_kv_blocks("host", 0, 0)  # no host tier until offloading is on
         self._after_engine_op()
 
     @property
@@ -237,17 +227,7 @@ class VerifierService:
 
     def stats_data(self) -> dict[str, Any]:
         """The verify endpoint's ``data`` in $SRV.STATS."""
-        t = self._tally
-        return {
-            "batches": t.batches,
-            "last_batch_size": t.last_size,
-            "max_batch_size": t.max_size,
-            "last_batch_devices": t.last_devices,
-            "max_batch_devices": t.max_devices,
-            "multi_device_batches": t.multi_device_batches,
-            "queue_depth": self.batcher.queue_depth,
-            "sessions": len(self._sessions),
-        }
+        return self.stats.endpoint_data(self.batcher.queue_depth, len(self._sessions))
 
     # ------------------------------------------------------------- internals
 
@@ -289,27 +269,7 @@ class VerifierService:
             self._after_engine_op()
 
     def _after_engine_op(self) -> None:
-        """On the engine thread: forward histograms and the KV and session gauges."""
-        m = self.metrics
-        for f in self.engine.drain_forwards():
-            m.forward.observe(f.seconds)
-            m.batch_tokens.observe(f.tokens)
-            if f.kind == "verify":
-                m.batch_size.observe(f.sessions)
-        stats = self.engine.stats()
-        m.active_sessions.set(stats.active_sessions)
-        m.set_kv_blocks("accelerator", stats.kv_blocks_used, stats.kv_blocks_total)
-
-    def _on_batch(self, report: BatchReport) -> None:
-        self.metrics.batch_devices.observe(report.devices)
-        self.metrics.rounds.inc(len(report.suggested_ks))
-        for k in report.suggested_ks:
-            self.metrics.suggested_k.observe(k)
-        t = self._tally
-        t.batches += 1
-        t.last_size, t.max_size = report.size, max(t.max_size, report.size)
-        t.last_devices, t.max_devices = report.devices, max(t.max_devices, report.devices)
-        t.multi_device_batches += report.devices > 1
+        self.stats.after_engine_op(self.engine)
 
     def _remember(self, session_id: str, record: _Record) -> None:
         self._sessions[session_id] = record
