@@ -18,6 +18,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("models", "sled_shared.cli_models"),
     ("up", "sled_shared.cli_up"),
     ("status", "sled_shared.cli_status"),
+    ("generate", "sled_shared.cli_generate"),
 )
 
 

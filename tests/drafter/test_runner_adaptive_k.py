@@ -9,6 +9,7 @@ from sled_drafter.adaptive_k import (
     DeviceCosts,
     best_k,
     expected_tokens,
+    k_for_rate,
 )
 
 
@@ -86,3 +87,25 @@ def test_device_costs_lower_the_suggestion_and_probe_now_and_then():
     # so that the costs get measured again.
     assert ks.count(1) == 2 and ks.count(0) == 2 * PROBE_EVERY - 2
     assert ks[PROBE_EVERY - 1] == 1
+
+
+def test_reproducible_k_follows_the_token_history_only():
+    costs = DeviceCosts.new()
+    costs.draft_per_token_s.add(0.5)  # drafting looks hopeless on timings...
+    costs.round_trip_s.add(0.001)
+    ak = AdaptiveK(max_k=8, costs=costs, suggested=0, reproducible=True)
+    # ...and the verifier asks for K = 0, yet K comes from acceptance alone.
+    assert ak.next_k(room=100) == k_for_rate(8, ACCEPT_PRIOR) == 2
+    for _ in range(20):
+        ak.observe(drafted=8, accepted=8, suggested_k=0)
+    assert ak.next_k(room=100) == 8 and ak.next_k(room=3) == 3
+    twin = AdaptiveK(max_k=8, costs=DeviceCosts.new(), reproducible=True)
+    for _ in range(20):
+        twin.observe(drafted=8, accepted=8, suggested_k=5)
+    assert twin.next_k(room=100) == ak.next_k(room=100)
+
+
+def test_k_for_rate_sends_drafts_worth_sending():
+    assert k_for_rate(8, 0.3) == 1  # at least one
+    assert k_for_rate(8, 0.6) == 2  # 0.6**2 = 0.36 >= 0.35 > 0.6**3
+    assert k_for_rate(8, 0.99) == 8 and k_for_rate(0, 0.99) == 0

@@ -8,6 +8,14 @@ a prefix) and takes T(K) = K * d + r (d: draft time per token on this device,
 r: round trip to the verifier), so the best K maximises E(K) / T(K). A fast
 n-gram draft (d ~ 0) keeps the verifier's K; a slow draft on a fast link
 drafts fewer, down to 0 when even one draft costs more than it saves.
+
+Seeded sampling is the exception. The exact rule draws a position's token
+differently when it is a draft position (accept or resample) than when it is
+the bonus after the last draft, so the text depends on where rounds end.
+For a seeded request to give the same text every time (under any load,
+after a failover) K must depend on nothing but the tokens so far: it then
+comes from the session's acceptance alone, never from timings or the
+verifier's load-driven suggestion.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ from dataclasses import dataclass
 ACCEPT_PRIOR = 0.6
 # Weight of the newest observation in the moving averages.
 EWMA_WEIGHT = 0.2
+# Draft i (1-based) is worth sending while the chance it is reached and
+# accepted, rate**i, stays at or above this (the reproducible K's rule).
+WORTH_DRAFTING = 0.35
 # When the device's costs have turned drafting off, draft one token this
 # often anyway: the costs are only re-measured while drafting.
 PROBE_EVERY = 16
@@ -104,6 +115,16 @@ def best_k(
     return max(range(cap + 1), key=lambda k: (speed[k], k))
 
 
+def k_for_rate(cap: int, rate: float) -> int:
+    """Drafts worth sending at this acceptance, from 1 up to ``cap``."""
+    if cap <= 0:
+        return 0
+    k = 1
+    while k < cap and rate ** (k + 1) >= WORTH_DRAFTING:
+        k += 1
+    return k
+
+
 @dataclass(slots=True)
 class AdaptiveK:
     """One session's K: the verifier's suggestion, capped, then tuned to the device."""
@@ -112,6 +133,7 @@ class AdaptiveK:
     costs: DeviceCosts
     suggested: int | None = None  # last suggestion from the verifier
     acceptance: Acceptance | None = None
+    reproducible: bool = False  # K from the token history alone (seeded sampling)
     _idle_rounds: int = 0  # rounds in a row the device's costs chose K = 0
 
     def __post_init__(self) -> None:
@@ -123,6 +145,8 @@ class AdaptiveK:
     def next_k(self, room: int) -> int:
         """K for the next round; ``room`` is how many drafts can still be committed."""
         cap = min(self.max_k, room)
+        if self.reproducible:
+            return k_for_rate(cap, self.acceptance.rate)
         if self.suggested is not None:
             cap = min(cap, self.suggested)
         cap = max(cap, 0)

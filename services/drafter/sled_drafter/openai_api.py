@@ -67,7 +67,9 @@ class OpenAIApi:
     async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
         arrived = time.perf_counter()
         parsed = parse(await _json_body(request), chat, self.tokenizer, self.models)
-        req = GenerationRequest(parsed.prompt_ids, parsed.max_tokens, parsed.params)
+        req = GenerationRequest(
+            parsed.prompt_ids, parsed.max_tokens, parsed.params, seeded=parsed.seeded
+        )
         gen = self.runner.generation(req, started=arrived)
         out = TextOutput.new(self.tokenizer, parsed.stop)
         meta = fmt.Meta(

@@ -43,6 +43,7 @@ class ParsedRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    seeded: bool  # the user gave the seed
 
 
 def _field(body: Mapping[str, Any], name: str, kinds: type | tuple[type, ...], what: str) -> Any:
@@ -229,4 +230,6 @@ def parse(body: Any, chat: bool, tokenizer: Tokenizer, models: ModelInfo) -> Par
         top_k=max(top_k or 0, 0),
         seed=secrets.randbits(63) if seed is None else seed,
     )
-    return ParsedRequest(chat, tuple(ids), max_tokens, params, stops, stream, include_usage)
+    return ParsedRequest(
+        chat, tuple(ids), max_tokens, params, stops, stream, include_usage, seed is not None
+    )

@@ -47,6 +47,8 @@ class GenerationRequest:
     max_tokens: int
     params: SamplingParams  # seed always set: the caller picks one when the user gave none
     stream: int = 0  # keys the random draws together with the seed
+    # The user chose the seed: the same request must give the same text (see adaptive_k).
+    seeded: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -159,7 +161,12 @@ class Generation:
         self.stats = GenerationStats(started=time.perf_counter() if started is None else started)
         self.history: list[int] = list(req.prompt_ids)
         self.finish_reason: str | None = None
-        self.k = AdaptiveK(runner.config.max_k, runner.costs, min(INITIAL_K, runner.config.max_k))
+        self.k = AdaptiveK(
+            runner.config.max_k,
+            runner.costs,
+            min(INITIAL_K, runner.config.max_k),
+            reproducible=req.seeded and not req.params.greedy,
+        )
         self._verifier: _Verifier | None = None
         self._draft: DraftSession | None = None
         self._admitted = False
