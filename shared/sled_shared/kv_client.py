@@ -192,8 +192,8 @@ class KVClient:
             new_lens=np.array([p.hi - p.lo for _, p in parts], np.int32),
             kv_heads=first.k.shape[1],
             head_dim=first.k.shape[2],
-            k=np.concatenate([t.k[p.lo : p.hi].reshape(-1) for t, p in parts]),
-            v=np.concatenate([t.v[p.lo : p.hi].reshape(-1) for t, p in parts]),
+            keys=np.concatenate([t.k[p.lo : p.hi].reshape(-1) for t, p in parts]),
+            values=np.concatenate([t.v[p.lo : p.hi].reshape(-1) for t, p in parts]),
         )
         if cls is KVAttend:
             fields["q_heads"] = first.q.shape[1]

@@ -67,8 +67,8 @@ class KVChunk(Message):
     total_len: int  # tokens per layer in the whole cache
     kv_heads: int
     head_dim: int
-    k: np.ndarray  # float32 [t * kv_heads * head_dim]
-    v: np.ndarray  # float32, like k
+    keys: np.ndarray  # float32 [t * kv_heads * head_dim]
+    values: np.ndarray  # float32, like keys
 
     def __post_init__(self) -> None:
         check_str("session", self.session)
@@ -78,11 +78,11 @@ class KVChunk(Message):
             _set(self, name, check_int(name, getattr(self, name), 1))
         if self.index >= self.num_chunks:
             raise ProtocolError(f"chunk index {self.index} >= num_chunks {self.num_chunks}")
-        _set(self, "k", check_f32("k", self.k))
+        _set(self, "keys", check_f32("keys", self.keys))
         row = self.kv_heads * self.head_dim
-        if self.k.size == 0 or self.k.size % row:
-            raise ProtocolError(f"k holds {self.k.size} values, not a positive multiple of {row}")
-        _set(self, "v", check_f32("v", self.v, self.k.size))
+        if self.keys.size == 0 or self.keys.size % row:
+            raise ProtocolError(f"keys hold {self.keys.size} values, not a multiple of {row}")
+        _set(self, "values", check_f32("values", self.values, self.keys.size))
         if self.start + self.tokens > self.total_len:
             raise ProtocolError(
                 f"chunk tokens [{self.start}, {self.start + self.tokens}) exceed "
@@ -91,12 +91,12 @@ class KVChunk(Message):
 
     @property
     def tokens(self) -> int:
-        return self.k.size // (self.kv_heads * self.head_dim)
+        return self.keys.size // (self.kv_heads * self.head_dim)
 
     def shaped(self) -> tuple[np.ndarray, np.ndarray]:
         """k and v as ``[t, kv_heads, head_dim]`` views."""
         shape = (self.tokens, self.kv_heads, self.head_dim)
-        return self.k.reshape(shape), self.v.reshape(shape)
+        return self.keys.reshape(shape), self.values.reshape(shape)
 
 
 @message("kv.import.end")

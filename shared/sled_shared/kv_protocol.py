@@ -145,8 +145,9 @@ class _KVBatch(Message):
     new_lens: np.ndarray  # int32 [S]: new tokens per session, >= 1
     kv_heads: int
     head_dim: int
-    k: np.ndarray  # float32 [T * kv_heads * head_dim], T = new_lens.sum()
-    v: np.ndarray  # float32, like k
+    # Not "k"/"v": "v" is the envelope's version key.
+    keys: np.ndarray  # float32 [T * kv_heads * head_dim], T = new_lens.sum()
+    values: np.ndarray  # float32, like keys
 
     def _check_batch(self) -> None:
         _set(self, "forward_id", check_int("forward_id", self.forward_id, 0, _ID_MAX))
@@ -158,8 +159,8 @@ class _KVBatch(Message):
         _set(self, "kv_heads", check_int("kv_heads", self.kv_heads, 1, 1 << 16))
         _set(self, "head_dim", check_int("head_dim", self.head_dim, 1, 1 << 16))
         size = self.tokens * self.kv_heads * self.head_dim
-        _set(self, "k", check_f32("k", self.k, size))
-        _set(self, "v", check_f32("v", self.v, size))
+        _set(self, "keys", check_f32("keys", self.keys, size))
+        _set(self, "values", check_f32("values", self.values, size))
 
     @property
     def tokens(self) -> int:

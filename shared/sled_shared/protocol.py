@@ -67,6 +67,9 @@ def message(type_tag: str):
     def register(cls: type[M]) -> type[M]:
         if type_tag in _TYPES:
             raise ValueError(f"message type {type_tag!r} registered twice")
+        clash = {f.name for f in dataclasses.fields(cls)} & {"v", "t"}
+        if clash:  # the envelope's own keys: such a field would overwrite them
+            raise ValueError(f"message {type_tag!r} has reserved field names {sorted(clash)}")
         cls.TYPE = type_tag
         _TYPES[type_tag] = cls
         return cls

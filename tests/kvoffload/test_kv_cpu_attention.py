@@ -136,3 +136,21 @@ def test_batch_that_does_not_fit_changes_nothing():
         assert cache.length("a") == 7 and "b" not in cache and "c" not in cache
         outs = attn.attend(0, reqs[:2])
     assert [o.shape for o in outs] == [(1, 1, 4), (4, 1, 4)] and cache.length("a") == 8
+
+
+def test_stored_sessions_attend_over_their_prefix_without_appending():
+    # A retried request: its tokens are in the cache already, and a later piece may follow them.
+    cache = HostKVCache(CacheConfig(num_layers=1, kv_heads=2, head_dim=8, num_blocks=16))
+    rng = np.random.default_rng(15)
+    k, v = rng.standard_normal((2, 30, 2, 8)).astype(np.float32)
+    q = rng.standard_normal((4, 4, 8)).astype(np.float32)
+    cache.append("s", 0, k[:20], v[:20])
+    with CpuAttention(cache, q_heads=4, threads=1) as attn:
+        first = attn.attend(0, [AttendRequest("s", q, k[20:24], v[20:24])])[0]
+        cache.append("s", 0, k[24:30], v[24:30])  # the next piece of the same forward
+        again = attn.attend(0, [AttendRequest("s", q, k[20:24], v[20:24])], stored={"s": 24})[0]
+    assert cache.length("s", 0) == 30
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_allclose(first, reference(q, k[:24], v[:24]), rtol=2e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="upto=31 outside the 30 tokens"):
+        cache.runs("s", 0, 31)

@@ -7,7 +7,13 @@ import itertools
 import numpy as np
 import pytest
 from sled_kvoffload.host_cache import CacheConfig, HostKVCache, OutOfBlocksError
-from sled_kvoffload.migration import KVChunk, SessionImport, chunk_tokens, export_session
+from sled_kvoffload.migration import (
+    KVChunk,
+    SessionImport,
+    chunk_tokens,
+    export_chunk,
+    export_session,
+)
 
 CFG = CacheConfig(num_layers=3, kv_heads=2, head_dim=8, num_blocks=32, block_size=4)
 TOKEN_BYTES = 2 * 2 * 8 * 4  # K+V of one token in one layer
@@ -82,3 +88,19 @@ def test_bad_chunks_and_limits_are_rejected():
     src.append("s", 0, np.zeros((1, 2, 8)), np.zeros((1, 2, 8)))
     with pytest.raises(ValueError, match="mid-forward"):
         list(export_session(src, "s"))
+
+
+def test_export_chunk_gives_random_access_to_the_same_chunks():
+    src = _filled(23, seed=4)
+    size = 5 * TOKEN_BYTES
+    chunks = list(export_session(src, "s", chunk_bytes=size))
+    for i in reversed(range(len(chunks))):
+        got, count = export_chunk(src, "s", i, size)
+        assert count == len(chunks)
+        assert (got.layer, got.start, got.total_len) == (
+            chunks[i].layer, chunks[i].start, chunks[i].total_len,
+        )  # fmt: skip
+        np.testing.assert_array_equal(got.k, chunks[i].k)
+        np.testing.assert_array_equal(got.v, chunks[i].v)
+    with pytest.raises(ValueError, match="outside the 15 chunks"):
+        export_chunk(src, "s", 15, size)

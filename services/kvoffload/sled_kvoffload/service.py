@@ -167,7 +167,7 @@ class KVOffloadService:
     async def migrate(self, msg: KVExport | KVImportBegin | KVChunk | KVImportEnd) -> Message:
         if isinstance(msg, KVExport):
             chunk, _ = await self._owned(self.worker.export, msg)
-            self.metrics.migrated_bytes.inc(chunk.k.nbytes + chunk.v.nbytes)
+            self.metrics.migrated_bytes.inc(chunk.keys.nbytes + chunk.values.nbytes)
             return chunk
         if isinstance(msg, KVImportEnd):
             (total, complete), _ = await self._owned(self.worker.import_end, msg)
@@ -180,7 +180,7 @@ class KVOffloadService:
 
         (total, received), _ = await self._owned(step)
         if isinstance(msg, KVChunk):
-            self.metrics.migrated_bytes.inc(msg.k.nbytes + msg.v.nbytes)
+            self.metrics.migrated_bytes.inc(msg.keys.nbytes + msg.values.nbytes)
         return KVMigrateAck(msg.session, total, received, False)
 
     async def stats(self, _msg: KVStats) -> KVLoad:

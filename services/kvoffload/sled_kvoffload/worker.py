@@ -107,7 +107,7 @@ class KVWorker:
         cache = self._require_cache()
         self._check_shape(msg, None)
         stored = self._classify(msg)
-        ks, vs = msg.per_session(msg.k, msg.kv_heads), msg.per_session(msg.v, msg.kv_heads)
+        ks, vs = msg.per_session(msg.keys, msg.kv_heads), msg.per_session(msg.values, msg.kv_heads)
         fresh = [i for i, s in enumerate(msg.sessions) if s not in stored]
         with _capacity():
             cache.check_appends([(msg.sessions[i], msg.layer, ks[i].shape[0]) for i in fresh])
@@ -124,7 +124,7 @@ class KVWorker:
         start = time.perf_counter()
         stored = self._classify(msg)
         qs = msg.per_session(msg.q, msg.q_heads)
-        ks, vs = msg.per_session(msg.k, msg.kv_heads), msg.per_session(msg.v, msg.kv_heads)
+        ks, vs = msg.per_session(msg.keys, msg.kv_heads), msg.per_session(msg.values, msg.kv_heads)
         reqs = [AttendRequest(s, qs[i], ks[i], vs[i]) for i, s in enumerate(msg.sessions)]
         with _capacity():
             outs = attn.attend(msg.layer, reqs, stored)
