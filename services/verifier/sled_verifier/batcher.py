@@ -85,6 +85,7 @@ class Batcher:
         *,
         on_batch: Callable[[BatchReport], None] | None = None,
         on_queue: Callable[[int], None] | None = None,
+        answer_timeout_s: float = 600.0,
     ) -> None:
         self.limits = limits
         self._execute = execute
@@ -99,6 +100,7 @@ class Batcher:
         self._answered: OrderedDict[str, VerifyResponse] = OrderedDict()
         self._answered_cap = 4 * limits.max_queue
         self._batch_s = 0.0  # EWMA of a batch's wall time, for retry_after_s
+        self._answer_timeout_s = answer_timeout_s
 
     @property
     def queue_depth(self) -> int:
@@ -123,7 +125,15 @@ class Batcher:
             self._on_queue(len(self._pending))
             self._wakeup.set()
         # A cancelled waiter (its requester gone) must not cancel the shared round.
-        return await asyncio.shield(running)
+        try:
+            return await asyncio.wait_for(asyncio.shield(running), self._answer_timeout_s)
+        except TimeoutError:
+            # The round stays queued; a retry gets its answer once it has one.
+            raise ServiceError(
+                "at_capacity",
+                f"round not answered within {self._answer_timeout_s:.0f}s",
+                self.retry_after_s(),
+            ) from None
 
     def forget(self, session_id: str) -> None:
         self._answered.pop(session_id, None)

@@ -55,6 +55,8 @@ _ID = re.compile(r"^[A-Za-z0-9_-]+$")
 OPEN_RETRY_AFTER_S = 1.0
 # Prefills are long and serialised with batches; more concurrent opens only queue.
 OPEN_CONCURRENCY = 8
+# Bound on any wait for the engine thread (a long CPU prefill takes tens of seconds).
+ENGINE_WAIT_S = 600.0
 
 T = TypeVar("T")
 
@@ -99,6 +101,7 @@ class VerifierService:
             self.engine_thread,
             on_batch=self.stats.on_batch,
             on_queue=self.metrics.queue_depth.set,
+            answer_timeout_s=ENGINE_WAIT_S,
         )
         # Device of each session (for per-batch device counts) and its lifecycle.
         self._sessions: OrderedDict[str, _Record] = OrderedDict()
@@ -233,7 +236,13 @@ class VerifierService:
 
     async def _on_engine(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.engine_thread, functools.partial(fn, *args))
+        call = loop.run_in_executor(self.engine_thread, functools.partial(fn, *args))
+        try:
+            return await asyncio.wait_for(call, ENGINE_WAIT_S)
+        except TimeoutError:
+            raise ServiceError(
+                "at_capacity", f"the engine did not get to this within {ENGINE_WAIT_S:.0f}s", 1.0
+            ) from None
 
     def _open_on_engine(self, req: SessionOpen) -> tuple[OpenResult, float]:
         start = time.perf_counter()
