@@ -15,17 +15,18 @@ from typing import IO
 
 from sled_shared.cli import CliError
 
-_EXTRA = ("scheduler", "kvoffload")
+_OPTIONAL = ("scheduler", "kvoffload")
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "up",
-        help="run the local stack (NATS, verifier, drafters) until Ctrl-C",
+        help="run the local stack (NATS, scheduler, kvoffload, verifier, drafters) until Ctrl-C",
         description=(
-            "Start an embedded NATS (unless SLED_NATS_URL is set), the verifier and one "
-            "drafter per device, each as its own process; wait until each is ready; print "
-            "their URLs. Other SLED_* variables in the environment reach every service."
+            "Start an embedded NATS (unless SLED_NATS_URL is set), the scheduler, a KV-offload "
+            "worker, the verifier and one drafter per device, each as its own process; wait "
+            "until each is ready; print their URLs. Other SLED_* variables in the environment "
+            "(SLED_SCHED_POLICY, SLED_GPU_KV_BLOCKS, ...) reach every service."
         ),
     )
     p.add_argument(
@@ -36,12 +37,13 @@ def add_parser(subparsers) -> None:
         "pi5-int4=smollm2-135m-int4, orin-int8=smollm2-135m-int8, phone-ngram=ngram)",
     )
     p.add_argument(
-        "--with",
-        dest="extra",
+        "--without",
+        dest="without",
         action="append",
-        choices=_EXTRA,
+        choices=_OPTIONAL,
         default=[],
-        help="also run this server-side service (repeatable)",
+        help="leave this server-side service out (repeatable; the verifier then plans locally "
+        "or keeps every session on the accelerator)",
     )
     p.add_argument("--log-dir", type=Path, help="where service logs go (default: a new run dir)")
     p.add_argument("--ready-timeout", type=float, default=300.0, metavar="S")
@@ -68,10 +70,11 @@ def _parse_drafters(values: list[str] | None):
 def _run(args: argparse.Namespace) -> int:
     import platformdirs
 
-    from sled_shared.launcher import Launcher, default_stack
+    from sled_shared.launcher import DEFAULT_SERVER, Launcher, default_stack
 
+    server = tuple(s for s in DEFAULT_SERVER if s not in args.without)
     try:
-        specs = default_stack(("verifier", *args.extra), _parse_drafters(args.drafter))
+        specs = default_stack(server, _parse_drafters(args.drafter))
     except ValueError as exc:
         raise CliError(str(exc)) from None
     log_dir = args.log_dir or Path(platformdirs.user_log_dir("sled")) / time.strftime(

@@ -67,7 +67,9 @@ SERVER_SERVICES: dict[str, ServiceSpec] = {
     "kvoffload": python_module("kvoffload", "sled_kvoffload"),
     "verifier": python_module("verifier", "sled_verifier"),
 }
-DEFAULT_SERVER = ("verifier",)
+# The scheduler and a KV-offload worker first: the verifier plans with the one
+# and offloads to the other from its first session on.
+DEFAULT_SERVER = ("scheduler", "kvoffload", "verifier")
 
 
 def default_stack(

@@ -169,17 +169,21 @@ def test_uses_the_given_nats_url(tmp_path, nats_url):
         assert "monitor" not in [e.kind for e in launcher.endpoints]
 
 
-def test_default_stack_is_one_verifier_and_three_drafters():
+def test_default_stack_is_scheduler_kvoffload_verifier_and_three_drafters():
     stack = default_stack()
-    assert [s.name for s in stack] == ["verifier", "pi5-int4", "orin-int8", "phone-ngram"]
-    assert stack[0].argv[1:] == ("-m", "sled_verifier") and not stack[0].openai
-    models = {s.name: s.env["SLED_DRAFT_MODEL"] for s in stack[1:]}
+    assert [s.name for s in stack] == [
+        "scheduler", "kvoffload", "verifier", "pi5-int4", "orin-int8", "phone-ngram",
+    ]  # fmt: skip
+    server = {s.name: s.argv[1:] for s in stack[:3] if not s.openai}
+    assert server == {"scheduler": ("-m", "sled_scheduler"), "kvoffload": ("-m", "sled_kvoffload"),
+                      "verifier": ("-m", "sled_verifier")}  # fmt: skip
+    models = {s.name: s.env["SLED_DRAFT_MODEL"] for s in stack[3:]}
     assert models == {"pi5-int4": "smollm2-135m-int4", "orin-int8": "smollm2-135m-int8",
                       "phone-ngram": "ngram"}  # fmt: skip
-    assert all(s.openai and s.argv[1:] == ("-m", "sled_drafter") for s in stack[1:])
-    assert all(s.env["SLED_DEVICE_NAME"] == s.name for s in stack[1:])
-    full = default_stack(("verifier", "kvoffload", "scheduler"), [("a", "ngram")])
-    assert [s.name for s in full] == ["scheduler", "kvoffload", "verifier", "a"]
+    assert all(s.openai and s.argv[1:] == ("-m", "sled_drafter") for s in stack[3:])
+    assert all(s.env["SLED_DEVICE_NAME"] == s.name for s in stack[3:])
+    lean = default_stack(("verifier", "kvoffload"), [("a", "ngram")])
+    assert [s.name for s in lean] == ["kvoffload", "verifier", "a"]
     with pytest.raises(ValueError, match="unknown services"):
         default_stack(("verifier", "gpu-farm"))
 
