@@ -161,9 +161,11 @@ class Batcher:
         while not self._pending:
             self._wakeup.clear()
             await self._wakeup.wait()
-        # Rounds that queued up during the previous batch go at once; a lone
-        # new round waits up to the window for others to join it.
-        deadline = self._pending[0].arrived + self.limits.window_s
+        # The window opens when the engine is free, not when the oldest round
+        # arrived: devices answered by the previous batch send their next round
+        # a bus round trip later, and waiting for them keeps devices from
+        # taking turns in batches of one.
+        deadline = time.perf_counter() + self.limits.window_s
         while True:
             count, full = self._fitting()
             left = deadline - time.perf_counter()
