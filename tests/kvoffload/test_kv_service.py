@@ -208,3 +208,22 @@ async def test_a_full_worker_answers_at_capacity_and_keeps_its_sessions(nats_url
         assert svc.worker._cache.length("s", 0) == 60 and svc.load.free_blocks == 0
         res = await kv.attend(1, 0, [_new(rng, "s", 60, 4)])  # exactly fills the last block
         assert len(res.outputs) == 1 and svc.worker._cache.length("s", 0) == 64
+
+
+async def test_sessions_left_idle_by_a_vanished_verifier_are_evicted(nats_url):
+    rng = np.random.default_rng(6)
+    async with worker(nats_url, session_ttl_s=0.5) as svc, client(nats_url) as nc:
+        kv = KVClient(nc, "w1")
+        await _prefill(kv, rng, {"idle": 40, "busy": 40})
+        length = 40
+        for fwd in range(1, 30):  # the busy session keeps attending; the idle one is silent
+            await kv.attend(fwd, 0, [_new(rng, "busy", length, 1)])
+            length += 1
+            if svc.load.sessions == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert svc.load.sessions == 1 and svc.load.used_blocks == -(-length // 16)  # busy only
+        with pytest.raises(bus.RemoteError) as err:
+            await kv.attend(99, 0, [_new(rng, "idle", 40, 1)])
+        assert err.value.code == "unknown_session"
+        assert (await kv.open("busy", SMOL)).length == length

@@ -37,6 +37,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU attention threads (0: one per core)")
     p.add_argument("--profile-interval-s", type=float, default=5.0, help="profile report period")
     p.add_argument(
+        "--session-ttl-s", type=float, default=900.0, help="evict sessions idle this long"
+    )
+    p.add_argument(
         "--no-calibrate",
         action="store_true",
         help="skip the start-up CPU attention sweep when a model geometry is first seen",
@@ -49,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> KVOffloadSettings:
-    own = ("profile_interval_s", "no_calibrate")
+    own = ("profile_interval_s", "no_calibrate", "session_ttl_s")
     settings = KVOffloadSettings.from_env(**{k: v for k, v in vars(args).items() if k not in own})
     if settings.worker_id and not _ID.match(settings.worker_id):
         raise ValueError(f"worker id {settings.worker_id!r}: use letters, digits, '-' and '_'")
@@ -63,6 +66,7 @@ async def serve(
     *,
     profile_interval_s: float = 5.0,
     calibrate: bool = True,
+    session_ttl_s: float = 900.0,
     stop: asyncio.Event | None = None,
     registry: CollectorRegistry = REGISTRY,
 ) -> None:
@@ -73,6 +77,7 @@ async def serve(
         KVOffloadMetrics(registry),
         profile_interval_s=profile_interval_s,
         calibrate_geometry=calibrate,
+        session_ttl_s=session_ttl_s,
     )
     nc: Client | None = None
     started = False
@@ -110,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings,
                 profile_interval_s=args.profile_interval_s,
                 calibrate=not args.no_calibrate,
+                session_ttl_s=args.session_ttl_s,
             )
         )
     except bus.BusError as exc:

@@ -75,13 +75,15 @@ class KVOffloadService:
         profile_interval_s: float = 5.0,
         calibrate_geometry: bool = True,
         max_buffered_samples: int = 8192,
+        session_ttl_s: float = 900.0,
     ) -> None:
-        if profile_interval_s <= 0:
-            raise ValueError(f"profile_interval_s must be > 0, got {profile_interval_s}")
+        if profile_interval_s <= 0 or session_ttl_s <= 0:
+            raise ValueError("profile_interval_s and session_ttl_s must be > 0")
         self.worker = worker
         self.metrics = metrics
         self.profile_interval_s = profile_interval_s
         self.calibrate_geometry = calibrate_geometry
+        self.session_ttl_s = session_ttl_s
         self.load: KVLoad = worker.load()
         self.samples: deque[Sample] = deque(maxlen=max_buffered_samples)
         self.reports_sent = 0
@@ -236,6 +238,14 @@ class KVOffloadService:
             self._flush.clear()
             await self.report(nc)
 
+    async def _expire_loop(self) -> None:
+        # A verifier that died leaves its offloaded sessions behind; nobody else frees them.
+        while True:
+            await asyncio.sleep(min(self.session_ttl_s / 4, 30.0))
+            gone, _ = await self._owned(self.worker.expire, self.session_ttl_s)
+            if gone:
+                log.warning("evicted %d sessions idle for %.1fs", len(gone), self.session_ttl_s)
+
     async def report(self, nc: Client) -> bool:
         """Send the buffered samples; on failure they stay buffered (oldest dropped first)."""
         batch = [
@@ -270,6 +280,7 @@ class KVOffloadService:
         on_started: Callable[[bus.BusService], None] | None = None,
     ) -> None:
         self._spawn(self._report_loop(nc))
+        self._spawn(self._expire_loop())
         try:
             await bus.run_service(
                 nc,

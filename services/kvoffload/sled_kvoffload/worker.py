@@ -59,6 +59,7 @@ class KVWorker:
         self._attn: CpuAttention | None = None
         self._ledger: dict[str, _Ledger] = {}
         self._imports: dict[str, SessionImport] = {}
+        self._used: dict[str, float] = {}  # session -> monotonic time of its last request
         self.attend_requests = 0
         self.attend_busy_s = 0.0
 
@@ -69,6 +70,7 @@ class KVWorker:
         cache = self._adopt(geometry)
         if session in self._imports:
             raise ProtocolError(f"session {session!r} is being imported")
+        self._used[session] = time.monotonic()
         if session not in cache:
             # An empty session exists from its first append on; until then the ledger marks it.
             self._ledger.setdefault(session, {})
@@ -83,7 +85,16 @@ class KVWorker:
         elif self._cache is not None:
             self._cache.evict(session)
         self._ledger.pop(session, None)
+        self._used.pop(session, None)
         return held
+
+    def expire(self, idle_s: float, now: float | None = None) -> list[str]:
+        """Evict sessions untouched for ``idle_s`` (their verifier is gone); returns them."""
+        now = time.monotonic() if now is None else now
+        stale = [s for s, t in self._used.items() if now - t > idle_s]
+        for s in stale:
+            self.evict(s)
+        return stale
 
     def truncate(self, msg: KVTruncate) -> np.ndarray:
         cache = self._require_cache()
@@ -162,6 +173,7 @@ class KVWorker:
         with _capacity():
             imp = SessionImport(cache, msg.session, msg.total_len)
         self._imports[msg.session] = imp
+        self._used[msg.session] = time.monotonic()
         return imp
 
     def import_chunk(self, msg: KVChunk) -> SessionImport:
@@ -251,11 +263,13 @@ class KVWorker:
             raise ProtocolError(f"session {session!r} is still being imported")
         if session not in self._ledger:
             raise ServiceError("unknown_session", f"unknown session {session!r} on this worker")
+        self._used[session] = time.monotonic()
 
     def _import(self, session: str) -> SessionImport:
         imp = self._imports.get(session)
         if imp is None:
             raise ServiceError("unknown_session", f"no import of session {session!r} (begin first)")
+        self._used[session] = time.monotonic()
         return imp
 
     def _check_shape(self, msg: KVAppend | KVAttend, q_heads: int | None) -> None:
