@@ -22,8 +22,9 @@ from aiohttp import web
 
 from sled_drafter import openai_format as fmt
 from sled_drafter.errors import ApiError, BadRequest, NotFound
+from sled_drafter.generation_types import GenerationRequest
 from sled_drafter.openai_schema import ModelInfo, ParsedRequest, parse
-from sled_drafter.session_runner import Generation, GenerationRequest, SessionRunner
+from sled_drafter.session_runner import Generation, SessionRunner
 from sled_drafter.text_output import TextOutput
 from sled_drafter.tokenizer import Tokenizer
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sled_drafter.session_runner import DrafterConfig, Generation
+from sled_drafter.generation_types import DrafterConfig
+from sled_drafter.session_runner import Generation
 
 
 @dataclass(frozen=True, slots=True)

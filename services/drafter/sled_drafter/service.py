@@ -29,9 +29,10 @@ from sled_shared.settings import DrafterSettings
 
 from sled_drafter.admission import Admission
 from sled_drafter.backends import DraftBackend, load_backend
+from sled_drafter.generation_types import DrafterConfig
 from sled_drafter.openai_api import OpenAIApi
 from sled_drafter.openai_schema import ModelInfo
-from sled_drafter.session_runner import DrafterConfig, SessionRunner
+from sled_drafter.session_runner import SessionRunner
 from sled_drafter.tokenizer import Tokenizer
 from sled_drafter.verifier_link import VerifierLink
 
