@@ -5,6 +5,7 @@ accelerator attends the others.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +34,20 @@ class SeqSlice:
             raise ValueError(f"slots shape {tuple(self.slots.shape)} != ({self.num_new},)")
 
 
+@dataclass(slots=True)
+class Delegated:
+    """One session's slice of a layer's q/k/v, handed to its executor."""
+
+    seq: SeqSlice
+    q: torch.Tensor  # [n, H, D]
+    k_new: torch.Tensor  # [n, KV, D]
+    v_new: torch.Tensor  # [n, KV, D]
+
+
 class AttentionExecutor(ABC):
     """Attention of one session at one layer: store its new k/v, attend its queries."""
+
+    last_rtt: float = 0.0  # a remote executor: seconds from sending its latest layer to the answer
 
     @abstractmethod
     def attend(
@@ -52,6 +65,11 @@ class AttentionExecutor(ABC):
         """
         out = self.attend(layer, seq, q, k_new, v_new)
         return lambda: out
+
+    def submit_many(self, layer: int, work: list[Delegated]) -> list[Callable[[], torch.Tensor]]:
+        """Start several sessions' work at once (a remote executor sends them in one
+        request); one wait function per item, in order."""
+        return [self.submit(layer, w.seq, w.q, w.k_new, w.v_new) for w in work]
 
 
 class PagedAttention(AttentionExecutor):
@@ -92,11 +110,19 @@ def grouped_attention(
 
 
 class AttentionRouter:
-    """Sends each session's attention to its executor; local unless delegated."""
+    """Sends each session's attention to its executor; local unless delegated.
+
+    Keeps running totals of the time spent in local attention and waiting for
+    delegated results (profiles and the measured side of plans read them).
+    """
 
     def __init__(self, local: AttentionExecutor) -> None:
         self.local = local
         self._delegates: dict[str, AttentionExecutor] = {}
+        self.local_s = 0.0  # seconds in local attention
+        self.local_context = 0  # KV tokens the local attention read
+        self.wait_s = 0.0  # seconds the forward stalled on delegated results
+        self.remote_s = 0.0  # per layer, the slowest delegate's round trip, summed
 
     def delegate(self, session_id: str, executor: AttentionExecutor | None) -> None:
         """Route a session to `executor` from the next layer on; None routes it back home."""
@@ -108,6 +134,12 @@ class AttentionRouter:
     def forget(self, session_id: str) -> None:
         self._delegates.pop(session_id, None)
 
+    def delegate_of(self, session_id: str) -> AttentionExecutor | None:
+        return self._delegates.get(session_id)
+
+    def reset_timers(self) -> None:
+        self.local_s, self.local_context, self.wait_s, self.remote_s = 0.0, 0, 0.0, 0.0
+
     def run(
         self,
         layer: int,
@@ -118,19 +150,37 @@ class AttentionRouter:
     ) -> torch.Tensor:
         """q [T, H, D], k/v [T, KV, D] of the whole batch -> out [T, H * D]."""
         if len(seqs) == 1 and seqs[0].session_id not in self._delegates:
-            return self.local.attend(layer, seqs[0], q, k, v)
+            t0 = time.perf_counter()
+            out = self.local.attend(layer, seqs[0], q, k, v)
+            self.local_s += time.perf_counter() - t0
+            self.local_context += seqs[0].context_len
+            return out
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-        pending = []
-        # Delegated work is started first so it overlaps the local sessions below.
+        groups: dict[int, tuple[AttentionExecutor, list[Delegated]]] = {}
         for seq in seqs:
             executor = self._delegates.get(seq.session_id)
             if executor is not None:
                 rows = slice(seq.start, seq.start + seq.num_new)
-                pending.append((rows, executor.submit(layer, seq, q[rows], k[rows], v[rows])))
+                work = Delegated(seq, q[rows], k[rows], v[rows])
+                groups.setdefault(id(executor), (executor, []))[1].append(work)
+        # Delegated work is started first, one batch per executor, so it overlaps
+        # the local sessions below.
+        pending = [
+            (work.seq, wait)
+            for executor, batch in groups.values()
+            for work, wait in zip(batch, executor.submit_many(layer, batch), strict=True)
+        ]
+        t0 = time.perf_counter()
         for seq in seqs:
             if seq.session_id not in self._delegates:
                 rows = slice(seq.start, seq.start + seq.num_new)
                 out[rows] = self.local.attend(layer, seq, q[rows], k[rows], v[rows])
-        for rows, wait in pending:
-            out[rows] = wait()
+                self.local_context += seq.context_len
+        t1 = time.perf_counter()
+        for seq, wait in pending:
+            out[seq.start : seq.start + seq.num_new] = wait()
+        self.local_s += t1 - t0
+        self.wait_s += time.perf_counter() - t1
+        if groups:
+            self.remote_s += max(executor.last_rtt for executor, _ in groups.values())
         return out

@@ -37,6 +37,7 @@ from .checks import (
 )
 from .config import EngineConfig
 from .counters import Counters
+from .host_tier import HostTierError
 from .messages import (
     CapacityError,
     EngineStats,
@@ -47,6 +48,7 @@ from .messages import (
 )
 from .model_runner import ModelRunner, SeqRequest
 from .session import Session, suggest_k
+from .tiered_kv import TieredKV
 
 __all__ = [
     "CapacityError",
@@ -80,6 +82,8 @@ class VerifierEngine:
         self.runner = ModelRunner(config)
         self.spec = self.runner.spec
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        # Every KV operation goes through `kv`: a session may live on a kvoffload worker.
+        self.kv = TieredKV(self.blocks, self.runner.kv_cache, self.runner.attention)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.counters = Counters()
@@ -110,14 +114,18 @@ class VerifierEngine:
             if live >= self.config.max_sessions:
                 raise CapacityError(f"all {self.config.max_sessions} session slots are in use")
             sid = uuid.uuid4().hex
-            self.blocks.add(sid)
+            fed = prompt[:-1] if resume else prompt
             try:
-                logits = self._prefill(sid, prompt[:-1] if resume else prompt)
-            except OutOfBlocksError as exc:
-                self.blocks.free(sid)
+                self.kv.add(sid, self.kv.open_tier(fed.size + self.config.max_k + 1))
+                logits = self._prefill(sid, fed)
+                failed = self.kv.flush().get(sid)
+                if failed:
+                    raise HostTierError(failed)
+            except (OutOfBlocksError, HostTierError) as exc:
+                self.kv.free(sid)
                 raise CapacityError(str(exc)) from None
             except BaseException:
-                self.blocks.free(sid)
+                self.kv.free(sid)
                 raise
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             if resume:
@@ -149,8 +157,7 @@ class VerifierEngine:
         """Forget a session and free its KV; False (and nothing done) for an unknown id."""
         with self._lock:
             known = self._sessions.pop(session_id, None) is not None
-            self.blocks.free(session_id)
-            self.runner.attention.forget(session_id)
+            self.kv.free(session_id)
             return known
 
     def evict_idle(self, ttl_s: float) -> list[str]:
@@ -174,9 +181,21 @@ class VerifierEngine:
         results: list[RoundResult | None] = [None] * len(rounds)
         with self._lock:
             pending = self._admit(rounds, results)
-            logits = self._forward_rounds(pending)
+            try:
+                logits = self._forward_rounds(pending)
+            finally:
+                failed = self.kv.flush()
             for p, rows in zip(pending, logits, strict=True):
-                results[p.index] = self._finish_round(p, rows.numpy(), load)
+                why = failed.get(p.session.session_id)
+                if why is None:
+                    results[p.index] = self._finish_round(p, rows.numpy(), load)
+                else:
+                    results[p.index] = RoundResult.failed(p.round, why, "unknown_session")
+            failed.update(self.kv.flush())  # rollbacks the finished rounds queued
+            for sid in failed:
+                # Its KV is lost: the drafter resumes it (elsewhere) from its history.
+                self._sessions.pop(sid, None)
+                self.kv.free(sid)
         return results  # type: ignore[return-value]  # every slot is filled above
 
     def _admit(
@@ -205,7 +224,7 @@ class VerifierEngine:
                 continue
             k = feedable_drafts(s, r, self.config.max_model_len)
             try:
-                self.blocks.allocate(s.session_id, k + 1)
+                self.kv.allocate(s.session_id, k + 1)
             except OutOfBlocksError as exc:
                 results[i] = RoundResult.failed(r, str(exc), "at_capacity")
                 continue
@@ -218,7 +237,7 @@ class VerifierEngine:
                 p.session.session_id,
                 np.concatenate(([p.session.tokens[-1]], p.round.draft_ids[: p.k])),
                 len(p.session.tokens) - 1,
-                self.blocks.block_table(p.session.session_id),
+                self.kv.block_table(p.session.session_id),
                 range(p.k + 1),
             )
             for p in pending
@@ -227,7 +246,7 @@ class VerifierEngine:
             return self._run_packed(reqs, "verify")
         except BaseException:
             for p in pending:  # leave every session as it was before the round
-                self.blocks.truncate(p.session.session_id, len(p.session.tokens) - 1)
+                self.kv.truncate(p.session.session_id, len(p.session.tokens) - 1)
             raise
 
     def _finish_round(self, p: _Pending, logits: np.ndarray, load: float) -> RoundResult:
@@ -243,12 +262,12 @@ class VerifierEngine:
                     drafts, dists, probs, s.seed, s.stream, start_position=len(s.tokens)
                 )
         except ValueError as exc:
-            self.blocks.truncate(s.session_id, len(s.tokens) - 1)
+            self.kv.truncate(s.session_id, len(s.tokens) - 1)
             return RoundResult.failed(r, f"bad draft: {exc}")
         new = cut_at_stop([*drafts[: outcome.accepted].tolist(), outcome.next_token], s.stop_ids)
         s.tokens.extend(new)
         # KV keeps every committed token but the newest: [previous newest] + accepted drafts.
-        self.blocks.truncate(s.session_id, len(s.tokens) - 1)
+        self.kv.truncate(s.session_id, len(s.tokens) - 1)
         accepted = len(new) - 1
         s.observe(k, outcome.accepted)
         self.counters.round(k, accepted)
@@ -265,6 +284,26 @@ class VerifierEngine:
         s.last_round, s.last_result = r.round, result
         return result
 
+    # ------------------------------------------------------------------- tiers
+
+    def live_sessions(self) -> list[Session]:
+        with self._lock:
+            return [s for s in self._sessions.values() if not s.finished]
+
+    def migrate(self, session_id: str, dst: str) -> None:
+        """Move a live session's KV to tier `dst` (OutOfBlocksError / HostTierError if not)."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None or s.finished:
+                return
+            # Without KV (RECOMPUTE), a prefill of its committed tokens but the newest rebuilds it.
+            history = np.asarray(s.tokens[:-1], np.int64)
+            self.kv.move(session_id, dst, lambda sid: self._prefill(sid, history))
+            failed = self.kv.flush().get(session_id)
+        if failed:
+            self.close(session_id)
+            raise HostTierError(failed)
+
     # ------------------------------------------------------------------ helpers
 
     def _prefill(self, sid: str, prompt: np.ndarray) -> np.ndarray:
@@ -272,10 +311,10 @@ class VerifierEngine:
         step = self.config.max_batch_tokens
         for start in range(0, prompt.size, step):
             chunk = prompt[start : start + step]
-            self.blocks.allocate(sid, chunk.size)
+            self.kv.allocate(sid, chunk.size)
             # Only the last chunk's last row predicts a token; earlier chunks just fill the KV.
             rows = [chunk.size - 1] if start + chunk.size == prompt.size else []
-            req = SeqRequest(sid, chunk, start, self.blocks.block_table(sid), rows)
+            req = SeqRequest(sid, chunk, start, self.kv.block_table(sid), rows)
             (logits,) = self._run_packed([req], "prefill")
         return logits[0].numpy()
 
@@ -300,8 +339,7 @@ class VerifierEngine:
         s.finished = s.reason is not None
         if s.finished:
             # Only the stored result is needed from here on; the KV goes back to the pool.
-            self.blocks.free(s.session_id)
-            self.runner.attention.forget(s.session_id)
+            self.kv.free(s.session_id)
 
     def _drop_old_finished(self) -> None:
         """Keep at most max_sessions finished records (for retries) until closed or evicted."""

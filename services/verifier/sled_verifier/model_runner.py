@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,12 +17,25 @@ from .llama import ForwardBatch, LlamaModel
 from .weights import load_weights
 
 
+@dataclass(frozen=True, slots=True)
+class ForwardTiming:
+    """Where one forward's time went (CPU clocks: on CUDA these need a sync to mean much)."""
+
+    seconds: float  # the whole forward
+    tokens: int  # new tokens in it (linear layers)
+    local_attn_s: float  # attention over the local paged cache
+    local_context: int  # KV tokens that attention read, summed over layers
+    wait_s: float  # stalled on delegated (remote) attention
+    remote_s: float  # per layer the slowest remote round trip, summed
+    layers: int
+
+
 @dataclass(slots=True)
 class SeqRequest:
     session_id: str
     token_ids: np.ndarray  # [n] int, the session's new tokens
     start_pos: int  # position of token_ids[0] == tokens already in the session's KV
-    block_table: Sequence[int]  # blocks covering start_pos + n tokens
+    block_table: Sequence[int] | None  # blocks covering start_pos + n; None: KV held elsewhere
     logit_rows: Sequence[int]  # indices into token_ids whose next-token logits are wanted
 
     def __post_init__(self) -> None:
@@ -59,16 +73,30 @@ class ModelRunner:
         self.attention = AttentionRouter(PagedAttention(self.kv_cache))
         self.model = LlamaModel(self.spec, weights, config.max_model_len, self.device)
         self.last_forward_s = 0.0
+        self.timings: deque[ForwardTiming] = deque(maxlen=256)  # drained by the APEX loop
 
     def run(self, requests: Sequence[SeqRequest]) -> list[torch.Tensor]:
         """One forward for all requests; per request, logits [len(logit_rows), V] fp32 on CPU."""
         if not requests:
             return []
         batch = self._build(requests)
+        att = self.attention
+        att.reset_timers()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            logits = self.model.forward(batch, self.attention).cpu()
+            logits = self.model.forward(batch, att).cpu()
         self.last_forward_s = time.perf_counter() - t0
+        self.timings.append(
+            ForwardTiming(
+                self.last_forward_s,
+                int(batch.input_ids.shape[0]),
+                att.local_s,
+                att.local_context,
+                att.wait_s,
+                att.remote_s,
+                self.spec.num_layers,
+            )
+        )
         return list(torch.split(logits, [len(r.logit_rows) for r in requests]))
 
     def _build(self, requests: Sequence[SeqRequest]) -> ForwardBatch:
@@ -83,11 +111,18 @@ class ModelRunner:
             ctx = r.start_pos + n
             if ctx > self.model.max_len:
                 raise ValueError(f"session {r.session_id}: {ctx} tokens exceed max_model_len")
-            if len(r.block_table) * bs < ctx:
-                raise ValueError(f"session {r.session_id}: block table too short for {ctx} tokens")
-            table = torch.tensor(r.block_table, dtype=torch.int64)
             pos = torch.arange(r.start_pos, ctx, dtype=torch.int64)
-            slots = table[pos // bs] * bs + pos % bs
+            if r.block_table is None:
+                # Attention delegated: no local slots (-1 makes a local write fail loudly).
+                table = torch.empty(0, dtype=torch.int64)
+                slots = torch.full((n,), -1, dtype=torch.int64)
+            else:
+                if len(r.block_table) * bs < ctx:
+                    raise ValueError(
+                        f"session {r.session_id}: block table too short for {ctx} tokens"
+                    )
+                table = torch.tensor(r.block_table, dtype=torch.int64)
+                slots = table[pos // bs] * bs + pos % bs
             mask = None
             if n > 1:
                 # New token i (at position start_pos + i) sees every position up to its own.
