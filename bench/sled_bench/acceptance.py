@@ -51,7 +51,8 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''}, "
           f"{len(PROMPTS)} concurrent sessions, {args.max_tokens} new tokens, K={args.k}"
           f"{' fixed' if args.fixed_k else ' adaptive'}, greedy; measured")
-    print("| draft | acceptance | tokens/round | draft ms/token | verify ms/round (share of batch) | tokens/s |")
+    print("| draft | acceptance | tokens/round | draft ms/token "
+          "| verify ms/round (share of batch) | tokens/s |")
     print("|---|---|---|---|---|---|")
     for kind in args.kinds:
         backend = load_backend(get_model(kind))
