@@ -47,7 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> SchedulerSettings:
     own = ("window", "refit_every", "load_ttl_s")
     settings = SchedulerSettings.from_env(**{k: v for k, v in vars(args).items() if k not in own})
-    Policy(settings.sched_policy)  # ValueError names the bad value
+    known = [p.value for p in Policy]
+    if settings.sched_policy not in known:
+        raise ValueError(f"SLED_SCHED_POLICY={settings.sched_policy!r} is not one of {known}")
     if settings.plan_deadline_ms <= 0:
         raise ValueError(f"plan deadline must be > 0 ms, got {settings.plan_deadline_ms}")
     return settings
