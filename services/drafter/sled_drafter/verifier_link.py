@@ -32,9 +32,11 @@ log = logging.getLogger(__name__)
 RETRY_BASE_S = 0.05
 RETRY_CAP_S = 1.0
 CLOSE_TIMEOUT_S = 2.0
-# A timed-out round is sent once more (the verifier answers a repeated round
-# from memory) before the session counts as lost.
-VERIFY_ATTEMPTS = 2
+# Opens that time out before giving up (each may reach another verifier).
+OPEN_TIMEOUTS = 3
+# How many request timeouts a round may wait on a verifier that still holds
+# its subscription (busy, or hung) before the session counts as lost.
+VERIFY_PATIENCE = 2
 
 
 class Lost(Exception):
@@ -48,19 +50,16 @@ class VerifierLink:
     open_deadline_s: float  # all attempts to open (or resume) one session
 
     async def open(self, msg: SessionOpen) -> SessionOpened:
-        """Open on whichever verifier the queue group picks; retry while none can."""
+        """Open on whichever verifier the queue group picks. While none listens or all
+        are full, retry until ``open_deadline_s``; a verifier that does not answer in
+        time (hung, or busy) is tried OPEN_TIMEOUTS times, the queue group picking anew."""
         deadline = time.monotonic() + self.open_deadline_s
         delay = RETRY_BASE_S
-        why = "no verifier answered"
+        timeouts = 0
         while True:
-            left = deadline - time.monotonic()
             try:
                 return await bus.request(
-                    self.nc,
-                    subjects.SESSION_OPEN,
-                    msg,
-                    max(min(self.timeout_s, left), 0.1),
-                    expect=SessionOpened,
+                    self.nc, subjects.SESSION_OPEN, msg, self.timeout_s, expect=SessionOpened
                 )
             except bus.RemoteError as exc:
                 if exc.code == "bad_request":
@@ -74,7 +73,13 @@ class VerifierLink:
             except bus.NoResponders:
                 why = "no verifier is listening"
             except bus.RequestTimeout:
-                why = f"no verifier answered within {self.timeout_s:.1f}s"
+                timeouts += 1
+                if timeouts < OPEN_TIMEOUTS:
+                    continue
+                raise Unavailable(
+                    f"cannot open a session: no verifier answered within {self.timeout_s:g}s",
+                    retry_after_s=1.0,
+                ) from None
             except bus.BusError as exc:  # NATS connection closed or reconnecting
                 why = str(exc)
             if time.monotonic() + delay >= deadline:
@@ -83,21 +88,29 @@ class VerifierLink:
             delay = min(delay * 2, RETRY_CAP_S)
 
     async def verify(self, verifier_id: str, req: VerifyRequest) -> VerifyResponse:
+        """One round. A busy verifier (timeout, at_capacity) is asked again for the same
+        round, which it answers once and only once, until VERIFY_PATIENCE timeouts have
+        passed; a gone one (no responders, unknown session) is Lost at once."""
         subject = subjects.verify(verifier_id)
-        attempts = 0
+        deadline = time.monotonic() + VERIFY_PATIENCE * self.timeout_s
         while True:
-            attempts += 1
+            left = deadline - time.monotonic()
             try:
                 resp = await bus.request(
-                    self.nc, subject, req, self.timeout_s, expect=VerifyResponse
+                    self.nc,
+                    subject,
+                    req,
+                    max(min(self.timeout_s, left), 0.1),
+                    expect=VerifyResponse,
                 )
             except bus.RequestTimeout:
-                if attempts < VERIFY_ATTEMPTS:
+                if time.monotonic() < deadline:
                     continue
                 raise Lost(f"round {req.round}: no answer from {verifier_id}") from None
             except bus.RemoteError as exc:
-                if exc.code == "at_capacity" and attempts < VERIFY_ATTEMPTS:
-                    await asyncio.sleep(min(exc.retry_after_s or RETRY_BASE_S, RETRY_CAP_S))
+                wait = min(max(exc.retry_after_s or RETRY_BASE_S, RETRY_BASE_S), RETRY_CAP_S)
+                if exc.code == "at_capacity" and time.monotonic() + wait < deadline:
+                    await asyncio.sleep(wait)
                     continue
                 # unknown_session (evicted, or the verifier restarted) and anything
                 # else it cannot answer are healed by a fresh session elsewhere.
