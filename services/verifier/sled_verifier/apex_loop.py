@@ -41,6 +41,7 @@ from sled_shared.apex.plan import (
 from sled_shared.apex.profiles import Component, Sample
 from sled_shared.sched_client import NoPlan, SchedClient
 
+from .batcher import DEFERRED
 from .block_manager import OutOfBlocksError
 from .engine import VerifierEngine
 from .host_tier import HostTierError
@@ -79,6 +80,7 @@ class ApexLoop:
         loop: asyncio.AbstractEventLoop | None = None,
         *,
         max_wait_s: float = 1.0,
+        report_every_s: float = REPORT_EVERY_S,
     ) -> None:
         if (sched is None) != (loop is None):
             raise ValueError("a scheduler client needs the event loop it runs on")
@@ -87,6 +89,7 @@ class ApexLoop:
         self.sched = sched
         self.loop = loop
         self.max_wait_s = max_wait_s
+        self.report_every_s = report_every_s
         spec, cfg = engine.spec, engine.config
         elem = engine.runner.kv_cache.data.element_size()
         self.shape = ModelShape(
@@ -121,7 +124,7 @@ class ApexLoop:
         self.stats.deferred += len(rounds) - len(now)
         self._background()
         return [
-            RoundResult.failed(r, "deferred by the plan", "deferred")
+            RoundResult.failed(r, "deferred by the plan", DEFERRED)
             if r.session_id in deferred
             else next(done)
             for r in rounds
@@ -228,7 +231,7 @@ class ApexLoop:
             self._local = fit_local(self.samples)
         if self.sched is None:
             return
-        if now - t["report"] >= REPORT_EVERY_S and self._outbox:
+        if now - t["report"] >= self.report_every_s and self._outbox:
             t["report"] = now
             batch = tuple(self._outbox)
             self._outbox.clear()

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 # Runs on the engine thread: (rounds, load in [0, 1]) -> one result per round.
 Execute = Callable[[list[VerifyRound], float], list[RoundResult]]
+# A result with this error code was not run: an APEX plan put it off to a later batch.
+DEFERRED = "deferred"
+# When a plan put off every round of a batch, the next plan waits this long for a change.
+DEFERRED_PAUSE_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +218,11 @@ class Batcher:
         finally:
             self._batch_s += 0.3 * (time.perf_counter() - wall - self._batch_s)
         answered: list[int] = []
+        deferred: list[_Item] = []
         for item, result in zip(batch, results, strict=True):
+            if result.error_code == DEFERRED:
+                deferred.append(item)
+                continue
             if result.error is not None:
                 code = result.error_code or "bad_request"
                 retry = self.retry_after_s() if code == "at_capacity" else None
@@ -233,6 +241,14 @@ class Batcher:
                 suggested_ks=tuple(answered),
             )
         )
+        if deferred:
+            # Back to the head of the queue, in order, for the next plan.
+            self._pending.extendleft(reversed(deferred))
+            self._on_queue(len(self._pending))
+            if len(deferred) == len(batch):  # nothing ran: give the state time to change
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), DEFERRED_PAUSE_S)
 
     def _settle(self, item: _Item, outcome: VerifyResponse | BaseException) -> None:
         self._inflight.pop(item.key, None)

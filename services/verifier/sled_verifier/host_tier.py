@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -21,10 +22,12 @@ from sled_shared.apex.plan import WorkerState
 from sled_shared.kv_client import KVClient
 from sled_shared.kv_protocol import KVGeometry
 
-from .offload import WorkerAttention
+from .offload import UNREACHABLE, WorkerAttention
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A worker that did not answer gets no new sessions for this long.
+DOWN_S = 30.0
 
 
 class HostTierError(RuntimeError):
@@ -88,11 +91,15 @@ class HostTier:
         bs = self.block_size
         return sum(-(-n // bs) * bs for s, n in self.lengths.items() if self.where[s] == worker)
 
+    def up(self, worker: str) -> bool:
+        return time.monotonic() - self.executors[worker].unreachable_at > DOWN_S
+
     def free_tokens(self, worker: str) -> int:
-        return self.capacity[worker] - self.used_tokens(worker)
+        """Room for more tokens; none on a worker that recently failed to answer."""
+        return self.capacity[worker] - self.used_tokens(worker) if self.up(worker) else 0
 
     def states(self) -> tuple[WorkerState, ...]:
-        return tuple(WorkerState(w, c, self.used_tokens(w)) for w, c in self.capacity.items())
+        return tuple(WorkerState(w, c, c - self.free_tokens(w)) for w, c in self.capacity.items())
 
     def pick(self, tokens: int) -> str | None:
         """The worker with the most free room, if it holds `tokens` more."""
@@ -181,6 +188,8 @@ class HostTier:
         try:
             return _call(self.loop, coro, wait_s or self._wait())
         except Exception as exc:
+            if isinstance(exc, UNREACHABLE):
+                self.executors[worker].unreachable_at = time.monotonic()
             raise HostTierError(f"KV worker {worker}: {str(exc) or type(exc).__name__}") from exc
 
     def _settle_evict(self, session: str) -> None:

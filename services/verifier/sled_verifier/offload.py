@@ -26,6 +26,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 import torch
+from sled_shared import bus
 from sled_shared.apex.profiles import Component, Sample
 from sled_shared.kv_client import AttendResult, KVClient, SessionTokens
 
@@ -33,6 +34,8 @@ from .attention import AttentionExecutor, Delegated, SeqSlice
 
 # Samples kept for the local cost model and the scheduler; the oldest go first.
 MAX_SAMPLES = 4096
+# Failures that mean the worker is gone or stuck, not that it refused one request.
+UNREACHABLE = (FutureTimeout, bus.NoResponders, bus.RequestTimeout)
 
 
 class WorkerAttention(AttentionExecutor):
@@ -44,6 +47,7 @@ class WorkerAttention(AttentionExecutor):
         self.forward_id = 0  # with the layer, names a request (and its retries) to the worker
         self.failed: dict[str, str] = {}  # session -> why, until the engine takes it
         self.last_rtt = 0.0  # round trip of the latest layer's request
+        self.unreachable_at = -float("inf")  # when it last failed to answer at all
         self.samples: deque[Sample] = deque(maxlen=MAX_SAMPLES)
 
     @property
@@ -82,6 +86,8 @@ class WorkerAttention(AttentionExecutor):
             except Exception as exc:  # any failure fails these sessions only
                 future.cancel()
                 self.last_rtt = time.perf_counter() - sent
+                if isinstance(exc, UNREACHABLE):
+                    self.unreachable_at = time.monotonic()
                 why = "no answer in time" if isinstance(exc, FutureTimeout) else str(exc)
                 for w in live:
                     self.failed[w.seq.session_id] = f"KV worker {self.worker_id}: {why}"
@@ -97,7 +103,7 @@ class WorkerAttention(AttentionExecutor):
                 n, h, d = w.q.shape
                 if out is None:  # failed: the engine discards this session's logits
                     return w.q.new_zeros(n, h * d)
-                return torch.from_numpy(out.reshape(n, h * d)).to(w.q.device, w.q.dtype)
+                return torch.tensor(out.reshape(n, h * d), dtype=w.q.dtype, device=w.q.device)
 
             return wait
 
