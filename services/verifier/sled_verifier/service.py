@@ -41,8 +41,10 @@ from sled_shared.protocol import (
 )
 from sled_shared.settings import VerifierSettings
 
+from .apex_loop import ApexLoop
 from .batcher import Batcher, BatchLimits
 from .engine import CapacityError, OpenResult, RoundResult, VerifierEngine, VerifyRound
+from .service_apex import start_apex, worker_ids
 from .service_stats import ServiceStats
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ class VerifierService:
         self.metrics = metrics or VerifierMetrics()
         self.stats = ServiceStats(self.metrics)
         self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="sled-engine")
+        self.apex: ApexLoop | None = None  # set by serve() when kvoffload workers are configured
         max_sessions = min(settings.max_sessions, engine.config.max_sessions)
         self.limits = BatchLimits(
             window_s=settings.batch_window_ms / 1000.0,
@@ -152,6 +155,10 @@ class VerifierService:
         drain_timeout_s: float = 30.0,
     ) -> None:
         """Serve until SIGTERM/SIGINT (or ``stop``); drains in-flight rounds, then closes ``nc``."""
+        if worker_ids(self.settings):  # APEX: plans per batch, a host KV tier on those workers
+            self.apex = await start_apex(
+                self.engine, self.settings, self.verifier_id, nc, self.engine_thread
+            )
         tasks = [
             asyncio.create_task(self.batcher.run(), name="sled-batcher"),
             asyncio.create_task(self._evict_loop(), name="sled-evict"),
@@ -261,6 +268,8 @@ class VerifierService:
 
     def _verify_on_engine(self, rounds: list[VerifyRound], load: float) -> list[RoundResult]:
         try:
+            if self.apex is not None:
+                return self.apex.execute(rounds, load)
             return self.engine.verify(rounds, load)
         finally:
             self._after_engine_op()

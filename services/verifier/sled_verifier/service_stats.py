@@ -39,6 +39,11 @@ class ServiceStats:
         stats = engine.stats()
         m.active_sessions.set(stats.active_sessions)
         m.set_kv_blocks("accelerator", stats.kv_blocks_used, stats.kv_blocks_total)
+        host = engine.kv.host
+        if host is not None:  # in accelerator-sized blocks, so the tiers compare
+            bs = engine.blocks.block_size
+            used = sum(host.used_tokens(w) for w in host.capacity)
+            m.set_kv_blocks("host", -(-used // bs), sum(host.capacity.values()) // bs)
 
     def on_batch(self, report: BatchReport) -> None:
         self.metrics.batch_devices.observe(report.devices)
