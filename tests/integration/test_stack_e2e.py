@@ -15,18 +15,15 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import nats
-import openai
 import pytest
 import scrape
 import torch
+from clients import TIMEOUT_S, chat, concurrently
 from sled_drafter.tokenizer import Tokenizer
 from sled_shared.models.registry import DEFAULT_TARGET, DRAFT_INT4, DRAFT_INT8, NGRAM, get_model
 from stack import SLED, LocalStack
@@ -38,7 +35,6 @@ MAX_TOKENS = 40
 SAMPLED_TOKENS = 32
 CLI_TOKENS = 24
 NEAR_TIE = 1e-4
-TIMEOUT_S = 600.0
 # `sled up`'s default devices and the draft each runs.
 DRAFTS = {"pi5-int4": DRAFT_INT4, "orin-int8": DRAFT_INT8, "phone-ngram": NGRAM}
 PROMPTS = {
@@ -47,7 +43,6 @@ PROMPTS = {
     "phone-ngram": "Write a haiku about the sea at night.",
 }
 SAMPLING_PROMPT = "Tell me a short story about a robot."
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -98,34 +93,6 @@ def assert_greedy(hf_model, prompt: list[int], ours: list[int], ref: list[int], 
     )
 
 
-def chat(stack: LocalStack, device: str, prompt: str, **kw: Any) -> dict[str, Any]:
-    """One chat completion from the device's OpenAI API; the whole body as a dict."""
-    client = openai.OpenAI(
-        base_url=stack.url(device, "openai") + "/v1",
-        api_key="unused",
-        max_retries=0,
-        timeout=TIMEOUT_S,
-    )
-    resp = client.chat.completions.create(
-        model=DEFAULT_TARGET,
-        messages=[{"role": "user", "content": prompt}],
-        **({"max_tokens": MAX_TOKENS, "temperature": 0} | kw),
-    )
-    return resp.to_dict()
-
-
-def concurrently(calls: list[Callable[[], T]]) -> list[T]:
-    """Run the calls in threads released together, so their requests overlap."""
-    barrier = threading.Barrier(len(calls))
-
-    def run(call: Callable[[], T]) -> T:
-        barrier.wait()
-        return call()
-
-    with ThreadPoolExecutor(len(calls)) as pool:
-        return list(pool.map(run, calls))
-
-
 async def _verify_stats(nats_url: str) -> dict[str, Any]:
     nc = await nats.connect(nats_url, connect_timeout=10)
     try:
@@ -162,7 +129,8 @@ def greedy_run(sled_stack: LocalStack) -> GreedyRun:
     """Every device answers its own prompt greedily, all at once."""
     stats_before, multi_before = verify_stats(sled_stack), multi_device_batches(sled_stack)
     devices = sled_stack.drafters
-    answers = concurrently([partial(chat, sled_stack, d, PROMPTS[d]) for d in devices])
+    calls = [partial(chat, sled_stack, d, PROMPTS[d], max_tokens=MAX_TOKENS) for d in devices]
+    answers = concurrently(calls)
     return GreedyRun(
         dict(zip(devices, answers, strict=True)),
         stats_before,
@@ -231,10 +199,9 @@ def test_seeded_sampling_gives_the_same_text_again(sled_stack: LocalStack) -> No
     for device in devices:
         ids = first[device]["sled"]["token_ids"]
         assert first[device]["sled"]["seed"] == 11
+        text = first[device]["choices"][0]["message"]["content"]
         assert again[device]["sled"]["token_ids"] == ids, device
-        assert again[device]["choices"][0]["message"]["content"] == (
-            first[device]["choices"][0]["message"]["content"]
-        )
+        assert again[device]["choices"][0]["message"]["content"] == text, device
         # The seed is really used: another one samples another text.
         assert other[device]["sled"]["token_ids"] != ids, device
 
