@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PKGS   := -e 'shared[prepare,local]' -e services/drafter -e services/verifier \
           -e services/kvoffload -e services/scheduler -e bench
 
-.PHONY: venv models up test lint bench clean
+.PHONY: venv models system-packages up test lint bench clean
 
 $(STAMP): requirements/lock.txt requirements/dev.txt shared/pyproject.toml services/*/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,13 +23,18 @@ venv: $(STAMP)
 models: venv
 	$(BIN)/sled models prepare
 
+# Debian's prometheus for the tests that run a real Prometheus server against the
+# stack (as root when it is missing; the package's own service is stopped).
+system-packages:
+	.ci/system-packages
+
 up: models
 	$(BIN)/sled up
 
 lint: venv
 	$(BIN)/ruff check .
 
-test: models lint
+test: models lint system-packages
 	$(BIN)/python -m pytest -q
 
 bench: models
