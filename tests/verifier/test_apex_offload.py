@@ -11,13 +11,14 @@ import signal
 import time
 
 import pytest
+from sled_bench.apex_stack import drive, record_open_tiers, stack
 from sled_shared.apex.plan import Policy
 from sled_shared.apex.profiles import Component
 from sled_shared.sched_client import SchedClient
 from sled_verifier.apex_loop import ApexLoop
 from sled_verifier.engine import VerifierEngine
 
-from .apex_harness import drive, prompts_of, record_open_tiers, stack, worker_process
+from .apex_harness import prompts_of, worker_process
 from .conftest import tiny_config
 
 MODEL = "gqa"  # 4 query heads over 2 kv heads: the grouped path on both tiers

@@ -8,6 +8,7 @@ import contextlib
 
 import numpy as np
 from prometheus_client import CollectorRegistry
+from sled_bench.apex_stack import drafts_for, drive
 from sled_kvoffload.service import KVOffloadService
 from sled_kvoffload.worker import KVWorker
 from sled_scheduler.service import SchedulerService
@@ -17,7 +18,7 @@ from sled_shared.settings import CommonSettings, SchedulerSettings, VerifierSett
 from sled_verifier.engine import VerifierEngine
 from sled_verifier.service import VerifierService
 
-from .apex_harness import drafts_for, drive, prompts_of
+from .apex_harness import prompts_of
 from .conftest import tiny_config
 from .service_harness import TIMEOUT, client, open_session, verify
 
