@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,11 +125,18 @@ def stack(url: str) -> Iterator[Stack]:
 Execute = Callable[[list[VerifyRound], float], list[RoundResult]]
 
 
+Propose = Callable[[list[int], int], np.ndarray]  # (history, k) -> draft ids
+
+
 @dataclass(slots=True)
 class Run:
     outputs: dict[int, list[int]]  # prompt index -> generated tokens
     errors: dict[int, str]  # prompt index -> the error that ended it
     refused_opens: int = 0
+    retried_rounds: int = 0  # at_capacity answers, sent again
+    started: float = field(default_factory=time.perf_counter)
+    first_at: dict[int, float] = field(default_factory=dict)  # prompt index -> first token
+    done_at: dict[int, float] = field(default_factory=dict)  # prompt index -> last token
 
 
 def drafts_for(
@@ -153,12 +161,14 @@ def drive(
     max_new: list[int],
     *,
     reference: dict[int, list[int]] | None = None,
+    propose: Propose | None = None,
     k: int = 3,
     spoil: float = 0.5,
     seed: int = 0,
     on_iteration: Callable[[int], None] | None = None,
     max_iterations: int = 2000,
 ) -> Run:
+    """Every session to its end; drafts from `propose`, else `drafts_for(reference)`."""
     rng = np.random.default_rng(seed)
     run = Run({}, {})
     waiting = list(range(len(prompts)))  # not opened yet (or refused: opened again later)
@@ -176,19 +186,27 @@ def drive(
                 continue
             waiting.remove(i)
             run.outputs[i] = [res.first_token]
+            run.first_at[i] = time.perf_counter()
             if res.finished:
+                run.done_at[i] = run.first_at[i]
                 engine.close(res.session_id)
             else:
                 live[i] = (res.session_id, [*prompts[i], res.first_token], 0)
         rounds, index = [], {}
         for i, (sid, history, rnd) in live.items():
-            ref = reference.get(i) if reference else None
-            drafts = drafts_for(ref, len(run.outputs[i]), k, rng, spoil)
+            if propose is not None:
+                drafts = propose(history, k)
+            else:
+                ref = reference.get(i) if reference else None
+                drafts = drafts_for(ref, len(run.outputs[i]), k, rng, spoil)
             rounds.append(VerifyRound(sid, rnd + 1, len(history), drafts))
             index[sid] = i
         for r, res in zip(rounds, execute(rounds, 0.0) if rounds else [], strict=True):
             i = index[r.session_id]
             if res.error_code == "deferred":
+                continue
+            if res.error_code == "at_capacity":  # as a drafter does: send it again
+                run.retried_rounds += 1
                 continue
             if res.error is not None:
                 run.errors[i] = f"{res.error_code}: {res.error}"
@@ -199,6 +217,7 @@ def drive(
             sid, history, _ = live[i]
             live[i] = (sid, history + new, res.round)
             if res.finished:
+                run.done_at[i] = time.perf_counter()
                 engine.close(sid)
                 del live[i]
     raise AssertionError(f"not done after {max_iterations} iterations: {len(live)} live")
