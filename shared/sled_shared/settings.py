@@ -72,7 +72,7 @@ class VerifierSettings(CommonSettings):
     batch_window_ms: float = _env("SLED_BATCH_WINDOW_MS", 2.0)
     session_ttl_s: float = _env("SLED_SESSION_TTL_S", 300.0)
     sched_policy: str = _env("SLED_SCHED_POLICY", "apex")  # gpu-only | neo | apex
-    # kvoffload worker ids (comma-separated) of the host KV tier; empty: no offloading
+    # the host KV tier: kvoffload worker ids (comma-separated) or "auto" (discovered); empty: off
     kv_workers: str = _env("SLED_KV_WORKERS", "")
     plan_deadline_ms: float = _env("SLED_PLAN_DEADLINE_MS", 20.0)  # then it plans locally
 

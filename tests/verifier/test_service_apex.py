@@ -69,7 +69,7 @@ async def test_service_offloads_plans_and_stays_identical(tiny_model_dirs, nats_
     reference = drive(big, big.verify, PROMPTS, MAX_NEW).outputs
     engine = VerifierEngine(tiny_config(path, num_blocks=16))  # 64 tokens: about two sessions
     settings = VerifierSettings(
-        nats_url=nats_url, verifier_id="v-apex", max_sessions=8, kv_workers="w1",
+        nats_url=nats_url, verifier_id="v-apex", max_sessions=8, kv_workers="auto",
         sched_policy="apex", plan_deadline_ms=500.0,
     )  # fmt: skip
     svc = VerifierService(engine, settings, "v-apex", metrics=VerifierMetrics(CollectorRegistry()))
@@ -90,6 +90,7 @@ async def test_service_offloads_plans_and_stays_identical(tiny_model_dirs, nats_
         client(nats_url) as nc,
     ):
         assert svc.apex is not None and engine.kv.host is not None
+        assert list(engine.kv.host.capacity) == ["w1"]  # found by micro discovery
         outs = await asyncio.gather(
             *(_device(nc, "v-apex", i, reference[i]) for i in range(len(PROMPTS)))
         )

@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--session-ttl-s", type=float, help="idle time before a session is evicted")
     p.add_argument("--max-queue", type=int, default=0, help="waiting rounds (0: 2 x sessions)")
     p.add_argument("--sched-policy", choices=("gpu-only", "neo", "apex"), help="APEX policy")
-    p.add_argument("--kv-workers", help="kvoffload worker ids, comma-separated (host KV tier)")
+    p.add_argument("--kv-workers", help="host KV tier: worker ids (comma-separated) or auto")
     p.add_argument("--plan-deadline-ms", type=float, help="wait for the scheduler's plan")
     p.add_argument("--nats-url")
     p.add_argument("--metrics-port", type=int)
