@@ -37,7 +37,10 @@ lint: venv
 test: models lint system-packages
 	$(BIN)/python -m pytest -q
 
+# The venv stamp predates the report's plots (matplotlib): install them into an existing venv.
 bench: models
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || \
+		$(BIN)/python -m pip install -q -c requirements/lock.txt -e bench
 	$(BIN)/python -m sled_bench.report
 
 clean:
