@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sled_shared import procs
@@ -37,6 +37,8 @@ class ServiceSpec:
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     openai: bool = False
+    # Used only where the user's environment does not set the variable.
+    env_defaults: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -65,7 +67,10 @@ DEFAULT_DRAFTERS: tuple[tuple[str, str], ...] = (
 SERVER_SERVICES: dict[str, ServiceSpec] = {
     "scheduler": python_module("scheduler", "sled_scheduler"),
     "kvoffload": python_module("kvoffload", "sled_kvoffload"),
-    "verifier": python_module("verifier", "sled_verifier"),
+    # Offload to whichever KV workers answer discovery (the one started above).
+    "verifier": replace(
+        python_module("verifier", "sled_verifier"), env_defaults={"SLED_KV_WORKERS": "auto"}
+    ),
 }
 # The scheduler and a KV-offload worker first: the verifier plans with the one
 # and offloads to the other from its first session on.
@@ -166,6 +171,7 @@ class Launcher:
     def _start_service(self, spec: ServiceSpec) -> None:
         metrics_port = procs.free_port(self.host)
         env = {
+            **spec.env_defaults,
             **self.environ,
             "SLED_NATS_URL": self.nats_url,
             "SLED_METRICS_HOST": self.host,
