@@ -22,19 +22,7 @@ from sled_verifier.config import EngineConfig
 from sled_verifier.engine import VerifierEngine
 
 from sled_bench.inprocess import generate
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a Python function that returns the n-th Fibonacci number.",
-    "Explain photosynthesis to a ten-year-old.",
-    "List five fruits that are red.",
-    "Translate 'good morning, my friend' into Spanish and German.",
-    "Write a haiku about the sea at night.",
-    "What is 17 times 23? Show your steps.",
-    "Give three tips for staying focused while studying.",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-    "Write a short SQL query that counts rows in a table named users.",
-]
+from sled_bench.prompts import CHAT_PROMPTS as PROMPTS
 
 
 def main() -> None:

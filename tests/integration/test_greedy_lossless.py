@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sled_bench.inprocess import generate
+from sled_bench.prompts import CHAT_PROMPTS as PROMPTS
 from sled_drafter.backends import load_backend
 from sled_drafter.tokenizer import Tokenizer
 from sled_shared.models.registry import DEFAULT_TARGET, DRAFT_INT4, DRAFT_INT8, NGRAM, get_model
@@ -24,18 +25,6 @@ pytestmark = pytest.mark.integration
 
 MAX_NEW = 64
 NEAR_TIE = 1e-4
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a Python function that returns the n-th Fibonacci number.",
-    "Explain photosynthesis to a ten-year-old.",
-    "List five fruits that are red.",
-    "Translate 'good morning, my friend' into Spanish and German.",
-    "Write a haiku about the sea at night.",
-    "What is 17 times 23? Show your steps.",
-    "Give three tips for staying focused while studying.",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-    "Write a short SQL query that counts rows in a table named users.",
-]
 KINDS = [DRAFT_INT4, DRAFT_INT8, NGRAM]
 
 
