@@ -100,7 +100,7 @@ def summarise(rows: list[RoundTiming]) -> dict[str, float]:
     for field in ("round_trip_s", "queue_s", "compute_s", "overhead_s"):
         values = [getattr(r, field) for r in rows]
         out[f"{field[:-2]}_p50_ms"] = ms(values, 0.5)
-        out[f"{field[:-2]}_p90_ms"] = ms(values, 0.9)
+        out[f"{field[:-2]}_p99_ms"] = ms(values, 0.99)
     out["mean_batch_size"] = statistics.fmean(r.batch_size for r in rows)
     return out
 
@@ -154,12 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"K={report['k']}, machine: {report['machine']} (medians / p90, ms)\n")
+    print(f"K={report['k']}, machine: {report['machine']} (p50 / p99, ms)\n")
     print("| devices | batch | round trip | queue | compute | bus overhead |")
     print("|---|---|---|---|---|---|")
     for d, s in report["by_devices"].items():
         cells = [
-            f"{s[f'{f}_p50_ms']:.1f} / {s[f'{f}_p90_ms']:.1f}"
+            f"{s[f'{f}_p50_ms']:.1f} / {s[f'{f}_p99_ms']:.1f}"
             for f in ("round_trip", "queue", "compute", "overhead")
         ]
         print(f"| {d} | {s['mean_batch_size']:.2f} | " + " | ".join(cells) + " |")
