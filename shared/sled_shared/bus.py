@@ -70,6 +70,10 @@ def _backoff(base_s: float, cap_s: float):
     return pick
 
 
+def _is_auth_error(exc: BaseException) -> bool:
+    return "authorization" in str(exc).lower()
+
+
 async def connect(
     settings: CommonSettings,
     *,
@@ -88,13 +92,17 @@ async def connect(
     connected = False
 
     async def on_error(exc: Exception) -> None:
-        last_error[:] = [exc]
+        # A refused login is followed by the server dropping the socket; keep the
+        # refusal, which is the error the user can act on.
+        if not (last_error and _is_auth_error(last_error[0])) or _is_auth_error(exc):
+            last_error[:] = [exc]
         log.log(
             logging.WARNING if connected else logging.DEBUG, "nats: %s: %s", type(exc).__name__, exc
         )
 
     async def on_disconnected() -> None:
-        if connected:
+        # A close() we asked for also reports a disconnect: only an unplanned one is news.
+        if connected and not nc.is_closed:
             log.warning("nats: disconnected from %s", settings.nats_url)
 
     async def on_reconnected() -> None:

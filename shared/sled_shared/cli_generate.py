@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 import urllib.error
 import urllib.request
@@ -72,8 +71,6 @@ async def _drafters(wait_s: float) -> dict[str, str]:
     from sled_shared.settings import CommonSettings
 
     settings = CommonSettings.from_env()
-    # The discovery connection is closed on purpose: its "disconnected" warning is noise here.
-    logging.getLogger(bus.__name__).setLevel(logging.ERROR)
     try:
         nc = await bus.connect(settings, name="sled-generate", connect_timeout_s=3.0)
     except bus.BusError as exc:
