@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 from sled_bench.apex_stack import drive, record_open_tiers, stack
-from sled_shared.apex.plan import Policy
+from sled_shared.apex.plan import IterationState, Mode, Plan, Policy
 from sled_shared.apex.profiles import Component
 from sled_shared.sched_client import SchedClient
 from sled_verifier.apex_loop import ApexLoop
+from sled_verifier.attention import AttentionRouter
 from sled_verifier.engine import VerifierEngine
+from sled_verifier.llama import ForwardBatch
 
 from .apex_harness import prompts_of, worker_process
 from .conftest import tiny_config
@@ -85,6 +88,45 @@ def test_sessions_migrate_both_ways_mid_generation(tiny_model_dirs, reference, n
     moved = loop.stats.migrations
     assert moved.get("accel->host", 0) >= 1 and moved.get("host->accel", 0) >= 1, moved
     assert loop.stats.migration_failures == 0
+
+
+def test_pipelined_plans_give_identical_tokens(tiny_model_dirs, reference, nats_url):
+    """Every plan forced to PIPELINED, its run split alternately into two sub-batches:
+    the forwards interleave them per layer and no token changes."""
+    engine = _engine(tiny_model_dirs, blocks=16)
+    model = engine.runner.model
+    split: list[tuple[set[str], set[str]]] = []  # per pipelined forward, its host sessions
+    with stack(nats_url) as st:
+        st.start_worker("w1")
+        host = st.host_tier(engine, ["w1"])
+        engine.kv.attach(host, offload_new=True)
+        loop = ApexLoop(engine, Policy.NEO)
+        planned, piped = loop._plan, model.forward_pipelined
+
+        def pipelined(state: IterationState) -> tuple[int | None, Plan]:
+            plan_id, plan = planned(state)
+            halves = {sid: i % 2 for i, sid in enumerate(plan.run)}
+            return plan_id, replace(plan, mode=Mode.PIPELINED, sub_batch=halves)
+
+        def spy(first: ForwardBatch, second: ForwardBatch, attention: AttentionRouter):
+            split.append(
+                tuple(
+                    {s.session_id for s in b.seqs if s.session_id in host.where}
+                    for b in (first, second)
+                )
+            )
+            return piped(first, second, attention)
+
+        loop._plan = pipelined
+        model.forward_pipelined = spy
+        run = drive(engine, loop.execute, PROMPTS, MAX_NEW, reference=reference)
+        load = st.lt.run(host.client("w1").stats())
+    assert not run.errors and run.outputs == reference
+    assert len(split) >= 5, split
+    assert any(a and b for a, b in split), split  # host attention in flight in both halves
+    # Each sub-batch with host sessions sends one attend request per layer.
+    layers = engine.spec.num_layers
+    assert load.attend_requests == layers * host.executors["w1"].forward_id > 0
 
 
 def test_plans_from_the_scheduler_service(tiny_model_dirs, reference, nats_url):

@@ -89,3 +89,40 @@ def test_delegated_session_gives_the_same_logits(tiny_model_dirs, hf_models):
     # Per layer: the delegate's work starts first, local sessions run, then it is collected.
     assert log[:4] == ["submit b", "local a", "local c", "wait b"]
     assert log.count("submit b") == log.count("wait b") == 3 * layers
+
+
+def _delegating_harness(path, log: list[str], delegated: tuple[str, ...]) -> Harness:
+    h = Harness(path)
+    h.runner.attention.local = LoggedPaged(h.runner.kv_cache, log)
+    for sid in delegated:
+        h.runner.attention.delegate(sid, OwnCacheExecutor(log))
+    return h
+
+
+def test_pipelined_forward_gives_the_single_batch_logits(tiny_model_dirs):
+    rng = np.random.default_rng(11)
+    sizes = {"a": 7, "b": 1, "c": 12, "d": 5, "e": 3}
+    prompts = {sid: rng.integers(3, 96, n).tolist() for sid, n in sizes.items()}
+    # Each sub-batch holds local and delegated sessions, its sessions not contiguous.
+    sub_batch = {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}
+    single = _delegating_harness(tiny_model_dirs["gqa"], [], ("b", "d"))
+    piped = _delegating_harness(tiny_model_dirs["gqa"], [], ("b", "d"))
+    feeds = [prompts] + [{sid: rng.integers(3, 96, n).tolist() for sid in sizes} for n in (1, 4, 1)]
+    for feed in feeds:
+        want = single.step(feed)
+        got = piped.step(feed, sub_batch)
+        assert list(got) == list(want)  # logits come back in the order given
+        for sid in feed:
+            torch.testing.assert_close(got[sid], want[sid], atol=1e-5, rtol=0, msg=sid)
+
+
+def test_pipelined_layers_interleave_the_sub_batches(tiny_model_dirs):
+    log: list[str] = []
+    h = _delegating_harness(tiny_model_dirs["gqa"], log, ("b", "d"))
+    rng = np.random.default_rng(12)
+    feeds = {sid: rng.integers(3, 96, 4).tolist() for sid in "abcd"}
+    h.step(feeds, {"a": 0, "b": 0, "c": 1, "d": 1})
+    # Per layer: A's attention is sent, then B's (after B's qkv), and only then is A
+    # collected, so A's remote work overlaps B's linear layers; B's overlaps A's MLP.
+    layer = ["submit b", "submit d", "local a", "wait b", "local c", "wait d"]
+    assert log == layer * h.runner.spec.num_layers

@@ -20,8 +20,12 @@ class Harness:
         self.runner = ModelRunner(tiny_config(path))
         self.blocks = BlockManager(self.runner.num_blocks, self.runner.block_size)
 
-    def step(self, feeds: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-        """Append each session's tokens to its KV; logits for every new row."""
+    def step(
+        self, feeds: dict[str, list[int]], sub_batch: dict[str, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Append each session's tokens to its KV; logits for every new row.
+
+        With `sub_batch`, the sessions run as two sub-batches pipelined per layer."""
         reqs = []
         for sid, toks in feeds.items():
             if sid not in self.blocks:
@@ -33,7 +37,9 @@ class Harness:
                     sid, np.array(toks), start, self.blocks.block_table(sid), range(len(toks))
                 )
             )
-        return dict(zip(feeds, self.runner.run(reqs), strict=True))
+        if sub_batch is None:
+            return dict(zip(feeds, self.runner.run(reqs), strict=True))
+        return dict(zip(feeds, self.runner.run_pipelined(reqs, sub_batch), strict=True))
 
 
 def _prompt(rng: np.random.Generator, n: int) -> list[int]:

@@ -5,9 +5,12 @@ iteration to the scheduler (every live session: tier, KV length, pending
 round, wait, arrival) and asks for a plan within the deadline; without an
 answer it plans locally (``local_plan``). It then applies the plan: KV moves
 between tiers first, then one verification forward over the rounds the plan
-runs, host-tier attention overlapping the accelerator's per layer (the
-verifier executes SEQUENTIAL and ASYNC plans as such and runs a PIPELINED
-plan's two sub-batches as one ASYNC batch). Rounds the plan defers come back
+runs, host-tier attention overlapping the accelerator's per layer. SEQUENTIAL
+and ASYNC plans run as one batch; a PIPELINED plan's two sub-batches run
+interleaved per layer (NEO's asymmetric pipelining): each layer starts
+sub-batch 0 (its host-tier attention sent), then sub-batch 1, then finishes
+0 and 1, so one sub-batch's CPU attention is in flight while the other's
+linear layers run. Rounds the plan defers come back
 with ``error_code == "deferred"`` for the batcher to queue again.
 
 Profiles: every forward's linear time by tokens and local attention time by
@@ -33,6 +36,7 @@ from sled_shared.apex.plan import (
     ACCEL,
     RECOMPUTE,
     IterationState,
+    Mode,
     ModelShape,
     Plan,
     Policy,
@@ -114,7 +118,8 @@ class ApexLoop:
         self._migrate(plan)
         deferred = set(plan.deferred)
         now = [r for r in rounds if r.session_id not in deferred]
-        done = iter(self.engine.verify(now, load) if now else [])
+        pipelined = plan.sub_batch if plan.mode is Mode.PIPELINED else None
+        done = iter(self.engine.verify(now, load, pipelined) if now else [])
         accel_s, cpu_s = self._absorb()
         if self.sched is not None:
             self.sched.record_actual(plan_id, accel_s, cpu_s)

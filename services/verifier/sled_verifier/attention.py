@@ -140,47 +140,65 @@ class AttentionRouter:
     def reset_timers(self) -> None:
         self.local_s, self.local_context, self.wait_s, self.remote_s = 0.0, 0, 0.0, 0.0
 
-    def run(
+    def start(
         self,
         layer: int,
         seqs: list[SeqSlice],
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-    ) -> torch.Tensor:
-        """q [T, H, D], k/v [T, KV, D] of the whole batch -> out [T, H * D]."""
+    ) -> Callable[[], torch.Tensor]:
+        """Start one layer's attention of a batch: q [T, H, D], k/v [T, KV, D].
+
+        Delegated sessions are submitted now; the returned function runs the
+        local sessions, then collects the delegated results -> out [T, H * D].
+        Whatever the caller does between the two (another sub-batch's linear
+        layers) overlaps the delegated work.
+        """
         if len(seqs) == 1 and seqs[0].session_id not in self._delegates:
-            t0 = time.perf_counter()
-            out = self.local.attend(layer, seqs[0], q, k, v)
-            self.local_s += time.perf_counter() - t0
-            self.local_context += seqs[0].context_len
-            return out
-        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+            return lambda: self._attend_one(layer, seqs[0], q, k, v)
         groups: dict[int, tuple[AttentionExecutor, list[Delegated]]] = {}
+        local: list[SeqSlice] = []
         for seq in seqs:
             executor = self._delegates.get(seq.session_id)
-            if executor is not None:
+            if executor is None:
+                local.append(seq)
+            else:
                 rows = slice(seq.start, seq.start + seq.num_new)
                 work = Delegated(seq, q[rows], k[rows], v[rows])
                 groups.setdefault(id(executor), (executor, []))[1].append(work)
         # Delegated work is started first, one batch per executor, so it overlaps
-        # the local sessions below.
+        # the local sessions and whatever runs before the finish.
         pending = [
             (work.seq, wait)
             for executor, batch in groups.values()
             for work, wait in zip(batch, executor.submit_many(layer, batch), strict=True)
         ]
-        t0 = time.perf_counter()
-        for seq in seqs:
-            if seq.session_id not in self._delegates:
+
+        def finish() -> torch.Tensor:
+            out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+            t0 = time.perf_counter()
+            for seq in local:
                 rows = slice(seq.start, seq.start + seq.num_new)
                 out[rows] = self.local.attend(layer, seq, q[rows], k[rows], v[rows])
                 self.local_context += seq.context_len
-        t1 = time.perf_counter()
-        for seq, wait in pending:
-            out[seq.start : seq.start + seq.num_new] = wait()
-        self.local_s += t1 - t0
-        self.wait_s += time.perf_counter() - t1
-        if groups:
-            self.remote_s += max(executor.last_rtt for executor, _ in groups.values())
+            t1 = time.perf_counter()
+            for seq, wait in pending:
+                out[seq.start : seq.start + seq.num_new] = wait()
+            self.local_s += t1 - t0
+            self.wait_s += time.perf_counter() - t1
+            if groups:
+                self.remote_s += max(executor.last_rtt for executor, _ in groups.values())
+            return out
+
+        return finish
+
+    def _attend_one(
+        self, layer: int, seq: SeqSlice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        # A lone local session needs no output buffer: its rows are the whole batch.
+        t0 = time.perf_counter()
+        out = self.local.attend(layer, seq, q, k, v)
+        self.local_s += time.perf_counter() - t0
+        self.local_context += seq.context_len
         return out

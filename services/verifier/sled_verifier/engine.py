@@ -11,7 +11,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,10 +171,17 @@ class VerifierEngine:
 
     # ------------------------------------------------------------------- rounds
 
-    def verify(self, rounds: Sequence[VerifyRound], load: float = 0.0) -> list[RoundResult]:
+    def verify(
+        self,
+        rounds: Sequence[VerifyRound],
+        load: float = 0.0,
+        sub_batch: Mapping[str, int] | None = None,
+    ) -> list[RoundResult]:
         """Verify every round in one batched forward (more only past max_batch_tokens).
 
         `load` (0..1, the server's busyness) shrinks the suggested K toward 0.
+        `sub_batch` (session -> 0 or 1, unlisted: 0) splits each forward into two
+        sub-batches pipelined per layer (a PIPELINED plan); None runs one batch.
         """
         if not 0.0 <= load <= 1.0:
             raise ValueError(f"load must be in [0, 1], got {load}")
@@ -182,7 +189,7 @@ class VerifierEngine:
         with self._lock:
             pending = self._admit(rounds, results)
             try:
-                logits = self._forward_rounds(pending)
+                logits = self._forward_rounds(pending, sub_batch)
             finally:
                 failed = self.kv.flush()
             for p, rows in zip(pending, logits, strict=True):
@@ -231,7 +238,9 @@ class VerifierEngine:
             pending.append(_Pending(i, r, s, k))
         return pending
 
-    def _forward_rounds(self, pending: list[_Pending]) -> list[torch.Tensor]:
+    def _forward_rounds(
+        self, pending: list[_Pending], sub_batch: Mapping[str, int] | None
+    ) -> list[torch.Tensor]:
         reqs = [
             SeqRequest(
                 p.session.session_id,
@@ -243,7 +252,7 @@ class VerifierEngine:
             for p in pending
         ]
         try:
-            return self._run_packed(reqs, "verify")
+            return self._run_packed(reqs, "verify", sub_batch)
         except BaseException:
             for p in pending:  # leave every session as it was before the round
                 self.kv.truncate(p.session.session_id, len(p.session.tokens) - 1)
@@ -318,15 +327,22 @@ class VerifierEngine:
             (logits,) = self._run_packed([req], "prefill")
         return logits[0].numpy()
 
-    def _run_packed(self, reqs: list[SeqRequest], kind: str) -> list[torch.Tensor]:
-        """Run requests in as few forwards as max_batch_tokens allows; logits per request."""
+    def _run_packed(
+        self, reqs: list[SeqRequest], kind: str, sub_batch: Mapping[str, int] | None = None
+    ) -> list[torch.Tensor]:
+        """Run requests in as few forwards as max_batch_tokens allows; logits per request.
+
+        With `sub_batch`, each forward runs its two sub-batches pipelined."""
         out: list[torch.Tensor] = []
         batch: list[SeqRequest] = []
         tokens = 0
         for req in [*reqs, None]:
             n = 0 if req is None else req.token_ids.shape[0]
             if batch and (req is None or tokens + n > self.config.max_batch_tokens):
-                out.extend(self.runner.run(batch))
+                if sub_batch is None:
+                    out.extend(self.runner.run(batch))
+                else:
+                    out.extend(self.runner.run_pipelined(batch, sub_batch))
                 self.counters.forward(kind, self.runner.last_forward_s, len(batch), tokens)
                 batch, tokens = [], 0
             if req is not None:

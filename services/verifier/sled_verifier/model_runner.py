@@ -1,10 +1,11 @@
-"""Turns a list of per-session requests into one ragged forward and returns logit rows."""
+"""Turns a list of per-session requests into one ragged forward (or two pipelined
+sub-batches) and returns logit rows."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,16 +81,45 @@ class ModelRunner:
         if not requests:
             return []
         batch = self._build(requests)
+        (logits,) = self._timed(lambda: (self.model.forward(batch, self.attention),), batch)
+        return list(torch.split(logits, [len(r.logit_rows) for r in requests]))
+
+    def run_pipelined(
+        self, requests: Sequence[SeqRequest], sub_batch: Mapping[str, int]
+    ) -> list[torch.Tensor]:
+        """Like run, with the requests split into two sub-batches (session -> 0 or 1;
+        unlisted: 0) interleaved per layer, so one's host-tier attention overlaps the
+        other's linear layers. Logits per request, in the order given."""
+        parts: tuple[list[int], list[int]] = ([], [])
+        for i, r in enumerate(requests):
+            parts[1 if sub_batch.get(r.session_id, 0) else 0].append(i)
+        if not parts[0] or not parts[1]:
+            return self.run(requests)  # nothing to overlap with
+        first = self._build([requests[i] for i in parts[0]])
+        second = self._build([requests[i] for i in parts[1]])
+        la, lb = self._timed(
+            lambda: self.model.forward_pipelined(first, second, self.attention), first, second
+        )
+        by_index: dict[int, torch.Tensor] = {}
+        for part, logits in zip(parts, (la, lb), strict=True):
+            rows = torch.split(logits, [len(requests[i].logit_rows) for i in part])
+            by_index.update(zip(part, rows, strict=True))
+        return [by_index[i] for i in range(len(requests))]
+
+    def _timed(
+        self, forward: Callable[[], tuple[torch.Tensor, ...]], *batches: ForwardBatch
+    ) -> tuple[torch.Tensor, ...]:
+        """Run a forward (its logits moved to the CPU) and record where its time went."""
         att = self.attention
         att.reset_timers()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            logits = self.model.forward(batch, att).cpu()
+            logits = tuple(x.cpu() for x in forward())
         self.last_forward_s = time.perf_counter() - t0
         self.timings.append(
             ForwardTiming(
                 self.last_forward_s,
-                int(batch.input_ids.shape[0]),
+                sum(int(b.input_ids.shape[0]) for b in batches),
                 att.local_s,
                 att.local_context,
                 att.wait_s,
@@ -97,7 +127,7 @@ class ModelRunner:
                 self.spec.num_layers,
             )
         )
-        return list(torch.split(logits, [len(r.logit_rows) for r in requests]))
+        return logits
 
     def _build(self, requests: Sequence[SeqRequest]) -> ForwardBatch:
         dev = self.device

@@ -1,7 +1,8 @@
 """Remote attention: host-tier sessions attend on a kvoffload worker's CPU.
 
 One ``WorkerAttention`` per worker. Per layer the router hands it every
-session of the batch that lives on that worker; it sends them as ONE
+session of the batch (of each sub-batch, when a PIPELINED plan runs two
+interleaved) that lives on that worker; it sends them as ONE
 ``kv.attend`` request (their new q/k/v; the worker appends k/v and attends
 over the cache it holds) before the local sessions' attention runs, and the
 forward collects the answer afterwards, so the worker's CPU attention
@@ -64,6 +65,8 @@ class WorkerAttention(AttentionExecutor):
         return self.submit_many(layer, [Delegated(seq, q, k_new, v_new)])[0]()
 
     def submit_many(self, layer: int, work: list[Delegated]) -> list[Callable[[], torch.Tensor]]:
+        # Each (sub-)batch's first layer takes a new id, so a request's (forward_id,
+        # layer, session) never repeats outside its own retries.
         if layer == 0:
             self.forward_id += 1
         live = [w for w in work if w.seq.session_id not in self.failed]
