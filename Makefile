@@ -10,7 +10,8 @@ PKGS   := -e 'shared[prepare,local]' -e services/drafter -e services/verifier \
 
 .PHONY: venv models system-packages up test lint bench clean
 
-$(STAMP): requirements/lock.txt requirements/dev.txt shared/pyproject.toml services/*/pyproject.toml
+$(STAMP): requirements/lock.txt requirements/dev.txt shared/pyproject.toml services/*/pyproject.toml \
+          bench/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build.
@@ -37,10 +38,7 @@ lint: venv
 test: models lint system-packages
 	$(BIN)/python -m pytest -q
 
-# The venv stamp predates the report's plots (matplotlib): install them into an existing venv.
 bench: models
-	$(BIN)/python -c 'import matplotlib' 2>/dev/null || \
-		$(BIN)/python -m pip install -q -c requirements/lock.txt -e bench
 	$(BIN)/python -m sled_bench.report
 
 clean:
