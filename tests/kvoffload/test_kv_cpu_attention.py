@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from sled_kvoffload import cpu_attention
 from sled_kvoffload.cpu_attention import AttendRequest, CpuAttention, attend_runs
 from sled_kvoffload.host_cache import CacheConfig, HostKVCache, OutOfBlocksError
 
-
-def reference(q: np.ndarray, k_all: np.ndarray, v_all: np.ndarray) -> np.ndarray:
-    """fp64, one head and one token at a time: new token j sees k_all[: ctx + j + 1]."""
-    n, hq, d = q.shape
-    total, hkv, _ = k_all.shape
-    group = hq // hkv
-    out = np.zeros((n, hq, d))
-    for j in range(n):
-        visible = total - n + j + 1
-        for h in range(hq):
-            kh = k_all[:visible, h // group].astype(np.float64)
-            vh = v_all[:visible, h // group].astype(np.float64)
-            s = kh @ q[j, h].astype(np.float64) / math.sqrt(d)
-            p = np.exp(s - s.max())
-            out[j, h] = (p / p.sum()) @ vh
-    return out
+from .conftest import reference
 
 
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 4, 16), (9, 3, 64), (8, 2, 32)])
