@@ -66,19 +66,9 @@ def find_device(device: str | None, wait_s: float) -> tuple[str, str]:
 
 
 async def _drafters(wait_s: float) -> dict[str, str]:
-    from sled_shared import bus
-    from sled_shared.cli_status import discover
-    from sled_shared.settings import CommonSettings
+    from sled_shared.cli_status import discover_at
 
-    settings = CommonSettings.from_env()
-    try:
-        nc = await bus.connect(settings, name="sled-generate", connect_timeout_s=3.0)
-    except bus.BusError as exc:
-        raise CliError(str(exc)) from None
-    try:
-        services = await discover(nc, wait_s)
-    finally:
-        await nc.close()
+    _, services = await discover_at("sled-generate", wait_s)
     found = {}
     for svc in services:
         info = svc.get("info") or {}

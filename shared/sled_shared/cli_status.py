@@ -83,21 +83,26 @@ def format_table(services: list[dict[str, Any]]) -> str:
     )
 
 
-async def _status(wait_s: float, as_json: bool) -> int:
+async def discover_at(client_name: str, wait_s: float) -> tuple[str, list[dict]]:
+    """Discover the services on SLED_NATS_URL over a connection of our own: (url, services)."""
     from sled_shared import bus
     from sled_shared.settings import CommonSettings
 
     settings = CommonSettings.from_env()
     try:
-        nc = await bus.connect(settings, name="sled-status", connect_timeout_s=3.0)
+        nc = await bus.connect(settings, name=client_name, connect_timeout_s=3.0)
     except bus.BusError as exc:
         raise CliError(str(exc)) from None
     try:
-        services = await discover(nc, wait_s)
+        return settings.nats_url, await discover(nc, wait_s)
     finally:
         await nc.close()
+
+
+async def _status(wait_s: float, as_json: bool) -> int:
+    nats_url, services = await discover_at("sled-status", wait_s)
     if not services:
-        print(f"no services answered on {settings.nats_url}", file=sys.stderr)
+        print(f"no services answered on {nats_url}", file=sys.stderr)
         return 1
     print(json.dumps(services, indent=2) if as_json else format_table(services))
     return 0
